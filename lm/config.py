@@ -1,0 +1,330 @@
+"""Typed run configuration: dataclasses, YAML files and `key.sub=value` overrides.
+
+Loading a config is pure: it reads files and validates values, and never initialises JAX,
+touches the network or exits the process. Every problem raises `ConfigError` with one
+sentence that names the offending key and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value or key that cannot be used; the message says how to fix it."""
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    """Decoder-only Transformer shape and numerics."""
+
+    vocab_size: int = 1024
+    d_model: int = 256
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 0  # 0 = same as num_heads (plain multi-head attention)
+    d_ff: int = 1024
+    max_seq_len: int = 256
+    position: str = "rope"  # rope | learned
+    rope_theta: float = 10000.0
+    norm: str = "rmsnorm"  # rmsnorm | layernorm
+    norm_eps: float = 1e-6
+    mlp: str = "swiglu"  # swiglu | gelu
+    tie_embeddings: bool = True
+    dropout: float = 0.0
+    dtype: str = "float32"  # compute dtype
+    param_dtype: str = "float32"
+    scan_layers: bool = True
+    remat: str = "none"  # none | full | dots | dots_no_batch
+    attention: str = "xla"  # xla (jax.nn.dot_product_attention) | cudnn | math (explicit einsums)
+    init_std: float = 0.02
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_kv_heads or self.num_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.num_heads
+
+
+@dataclasses.dataclass
+class MeshConfig:
+    """Device mesh sizes for axes ('data', 'fsdp', 'tensor'); -1 fills the remaining devices."""
+
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+
+
+@dataclasses.dataclass
+class DataConfig:
+    """Where text comes from and how it becomes batches."""
+
+    source: str = "shakespeare"  # 'shakespeare' (demo corpus) or a path / glob of .txt files
+    data_dir: str = "~/.cache/lm/datasets"  # where TFDS builds of local sources are cached
+    tokenizer: str = ""  # an existing SentencePiece .model; empty = train one into the run dir
+    tokenizer_type: str = "bpe"  # bpe | unigram (only used when training a tokenizer)
+    seq_len: int = 256
+    batch_size: int = 32  # global batch, in sequences
+    seed: int = 0
+    validation_fraction: float = 0.05  # for local text sources (Shakespeare holds out fixed plays)
+
+
+@dataclasses.dataclass
+class OptimConfig:
+    """AdamW with warmup and decay, clipping and gradient accumulation."""
+
+    lr: float = 1e-3
+    schedule: str = "cosine"  # cosine | linear | constant
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1  # final lr = lr * min_lr_ratio
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    clip_norm: float = 1.0  # 0 disables clipping
+    grad_accum: int = 1
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Length of the run, evaluation cadence and logging."""
+
+    run_dir: str = "runs/default"
+    steps: int = 1000
+    seed: int = 0
+    eval_every: int = 200
+    eval_batches: int = 0  # 0 = the whole validation split
+    log_every: int = 10
+    z_loss: float = 0.0
+    sample_tokens: int = 200  # length of the sample printed at the end (0 = none)
+    sample_prompt: str = ""
+
+
+@dataclasses.dataclass
+class CheckpointConfig:
+    """Orbax checkpointing cadence and retention."""
+
+    every: int = 500
+    keep: int = 3
+    async_save: bool = True
+
+
+@dataclasses.dataclass
+class Config:
+    """A whole run."""
+
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+
+
+_CHOICES = {
+    "model.position": ("rope", "learned"),
+    "model.norm": ("rmsnorm", "layernorm"),
+    "model.mlp": ("swiglu", "gelu"),
+    "model.dtype": ("float32", "bfloat16", "float16"),
+    "model.param_dtype": ("float32", "bfloat16"),
+    "model.remat": ("none", "full", "dots", "dots_no_batch"),
+    "model.attention": ("xla", "cudnn", "math"),
+    "data.tokenizer_type": ("bpe", "unigram"),
+    "optim.schedule": ("cosine", "linear", "constant"),
+}
+
+
+def _fields(cls: type) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(cls)}
+
+
+def _suggest(name: str, options: list[str]) -> str:
+    close = difflib.get_close_matches(name, options, n=1, cutoff=0.0)
+    return f"; did you mean '{close[0]}'?" if close else ""
+
+
+def _coerce(path: str, value: Any, annotation: Any) -> Any:
+    """Turn a YAML or command-line value into the field's declared type, or raise ConfigError."""
+    target = {"int": int, "float": float, "bool": bool, "str": str}.get(annotation, annotation)
+    if isinstance(value, str) and target is not str:
+        value = yaml.safe_load(value) if value.strip() else value
+    if target is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, target) or (target is int and isinstance(value, bool)):
+        raise ConfigError(
+            f"{path} must be {target.__name__}, got {value!r} ({type(value).__name__}); "
+            f"set it like {path}={_example(target)}."
+        )
+    return value
+
+
+def _example(target: type) -> str:
+    return {int: "8", float: "3e-4", bool: "true", str: "name"}[target]
+
+
+def _set(cfg: Config, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    if len(parts) != 2:
+        sections = list(_fields(Config))
+        raise ConfigError(
+            f"Config key '{dotted}' must be SECTION.FIELD with SECTION one of {sections}."
+        )
+    section, name = parts
+    sections = _fields(Config)
+    if section not in sections:
+        raise ConfigError(
+            f"Unknown config section '{section}' in '{dotted}'{_suggest(section, list(sections))}"
+        )
+    sub = getattr(cfg, section)
+    fields = _fields(type(sub))
+    if name not in fields:
+        valid = [f"{section}.{n}" for n in fields]
+        raise ConfigError(f"Unknown config key '{dotted}'{_suggest(dotted, valid)}")
+    hints = typing.get_type_hints(type(sub))
+    annotation = hints[name]
+    if isinstance(annotation, types.UnionType):
+        annotation = typing.get_args(annotation)[0]
+    setattr(sub, name, _coerce(dotted, value, annotation))
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in tree.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(_flatten(value, path + "."))
+        else:
+            out[path] = value
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Build a validated Config from an optional YAML file and `section.key=value` overrides."""
+    cfg = Config()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"Config file {path} does not exist; pass a YAML file from configs/.")
+        tree = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(tree, dict):
+            raise ConfigError(f"Config file {path} must hold a mapping of sections, not {tree!r}.")
+        for key, value in _flatten(tree).items():
+            _set(cfg, key, value)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"Override '{item}' must look like section.key=value.")
+        key, value = item.split("=", 1)
+        _set(cfg, key.strip(), value)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config, device_count: int | None = None) -> None:
+    """Raise ConfigError for impossible values; checks the mesh when device_count is given."""
+    m, d, o, t = cfg.model, cfg.data, cfg.optim, cfg.train
+    for key, options in _CHOICES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value not in options:
+            raise ConfigError(f"{key} must be one of {list(options)}, got '{value}'.")
+    positive = {
+        "model.vocab_size": m.vocab_size, "model.d_model": m.d_model,
+        "model.num_layers": m.num_layers, "model.num_heads": m.num_heads,
+        "model.d_ff": m.d_ff, "model.max_seq_len": m.max_seq_len,
+        "data.seq_len": d.seq_len, "data.batch_size": d.batch_size,
+        "optim.grad_accum": o.grad_accum, "train.steps": t.steps,
+        "train.eval_every": t.eval_every, "train.log_every": t.log_every,
+        "checkpoint.every": cfg.checkpoint.every, "checkpoint.keep": cfg.checkpoint.keep,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{key} must be positive, got {value}.")
+    if o.lr <= 0:
+        raise ConfigError(f"optim.lr must be positive, got {o.lr}; try optim.lr=3e-4.")
+    for key, value in {"optim.weight_decay": o.weight_decay, "optim.clip_norm": o.clip_norm,
+                       "optim.warmup_steps": o.warmup_steps, "train.z_loss": t.z_loss,
+                       "train.eval_batches": t.eval_batches, "model.num_kv_heads": m.num_kv_heads,
+                       "train.sample_tokens": t.sample_tokens}.items():
+        if value < 0:
+            raise ConfigError(f"{key} must not be negative, got {value}.")
+    if not 0.0 <= m.dropout < 1.0:
+        raise ConfigError(f"model.dropout must be in [0, 1), got {m.dropout}.")
+    if not 0.0 <= o.min_lr_ratio <= 1.0:
+        raise ConfigError(f"optim.min_lr_ratio must be in [0, 1], got {o.min_lr_ratio}.")
+    if not 0.0 < d.validation_fraction < 1.0:
+        raise ConfigError(
+            f"data.validation_fraction must be in (0, 1), got {d.validation_fraction}."
+        )
+    if m.d_model % m.num_heads:
+        raise ConfigError(
+            f"model.num_heads={m.num_heads} does not divide model.d_model={m.d_model}; "
+            "pick heads so that d_model / heads is a whole number."
+        )
+    if m.num_heads % m.kv_heads:
+        raise ConfigError(
+            f"model.num_kv_heads={m.kv_heads} does not divide model.num_heads={m.num_heads}; "
+            "each key/value head must serve a whole group of query heads."
+        )
+    if m.position == "rope" and m.head_dim % 2:
+        raise ConfigError(f"RoPE needs an even head dimension, got d_model/num_heads={m.head_dim}.")
+    if d.seq_len > m.max_seq_len:
+        raise ConfigError(
+            f"data.seq_len={d.seq_len} is longer than model.max_seq_len={m.max_seq_len}; "
+            "shorten data.seq_len or raise model.max_seq_len."
+        )
+    if d.batch_size % o.grad_accum:
+        raise ConfigError(
+            f"optim.grad_accum={o.grad_accum} does not divide data.batch_size={d.batch_size}."
+        )
+    if device_count is not None:
+        mesh_shape(cfg.mesh, device_count)
+
+
+def mesh_shape(mesh: MeshConfig, device_count: int) -> tuple[int, int, int]:
+    """Resolve -1 entries of the mesh against the device count, or raise ConfigError."""
+    sizes = [mesh.data, mesh.fsdp, mesh.tensor]
+    names = ["mesh.data", "mesh.fsdp", "mesh.tensor"]
+    if sizes.count(-1) > 1:
+        raise ConfigError("At most one of mesh.data, mesh.fsdp, mesh.tensor may be -1.")
+    for name, size in zip(names, sizes, strict=True):
+        if size == 0 or size < -1:
+            raise ConfigError(f"{name} must be a positive size or -1 (fill), got {size}.")
+    known = 1
+    for size in sizes:
+        known *= size if size > 0 else 1
+    if -1 in sizes:
+        if device_count % known:
+            raise ConfigError(
+                f"Mesh sizes {sizes} cannot fill {device_count} devices: {known} does not "
+                f"divide {device_count}."
+            )
+        sizes[sizes.index(-1)] = device_count // known
+    elif known != device_count:
+        raise ConfigError(
+            f"Mesh data*fsdp*tensor = {sizes[0]}*{sizes[1]}*{sizes[2]} = {known} but there are "
+            f"{device_count} devices; make the product {device_count} or set one axis to -1."
+        )
+    return sizes[0], sizes[1], sizes[2]
+
+
+def to_dict(cfg: Config) -> dict:
+    """The config as plain nested dicts (for YAML, JSON and checkpoints)."""
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(tree: dict) -> Config:
+    """Rebuild a validated Config from `to_dict` output."""
+    cfg = Config()
+    for key, value in _flatten(tree).items():
+        _set(cfg, key, value)
+    validate(cfg)
+    return cfg

@@ -1,0 +1,1 @@
+"""Text data: the Shakespeare demo corpus, TFDS builds of local text, SentencePiece, packing."""

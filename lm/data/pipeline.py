@@ -1,0 +1,175 @@
+"""Tokenize, pack and batch text so that the batch at step N is a pure function of (data, seed, N).
+
+Documents (each led by BOS) are concatenated into one token stream and cut into rows of
+`seq_len + 1` tokens that overlap by one, so every stream token but the first is a target
+exactly once. Batches carry `segment_ids`/`positions` so attention never crosses documents.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import grain
+import jax
+import numpy as np
+
+from lm.config import DataConfig
+from lm.data.sources import load_documents
+from lm.data.tokenizer import BOS_ID, PAD_ID, Tokenizer, load_tokenizer, train_tokenizer
+
+
+@dataclasses.dataclass(frozen=True)
+class PackedRows:
+    """Packed token rows: `tokens`/`doc_ids` int32 [R, seq_len + 1]; doc id 0 marks padding."""
+
+    tokens: np.ndarray
+    doc_ids: np.ndarray
+    seq_len: int
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def padding_fraction(self) -> float:
+        """Share of target slots that are padding."""
+        return float((self.doc_ids[:, 1:] == 0).mean()) if len(self) else 0.0
+
+
+def tokenize_documents(tokenizer: Tokenizer, docs: Sequence[str]) -> list[np.ndarray]:
+    """Token ids of each document, led by BOS, as int32 arrays."""
+    return [np.array([BOS_ID, *ids], np.int32) for ids in tokenizer.encode_batch(list(docs))]
+
+
+def pack_documents(docs: Sequence[Sequence[int]], seq_len: int) -> PackedRows:
+    """Concatenate `docs` and cut the stream into rows overlapping by one token (nanoGPT style)."""
+    stream = np.concatenate([np.asarray(d, np.int32) for d in docs] or [np.zeros(0, np.int32)])
+    ids = np.repeat(np.arange(1, len(docs) + 1, dtype=np.int32), [len(d) for d in docs])
+    num_rows = -(-max(len(stream) - 1, 0) // seq_len)
+    size = num_rows * seq_len + 1
+    tokens = np.full(size, PAD_ID, np.int32)
+    doc_ids = np.zeros(size, np.int32)
+    tokens[: len(stream)], doc_ids[: len(stream)] = stream, ids
+    window = np.arange(num_rows)[:, None] * seq_len + np.arange(seq_len + 1)
+    return PackedRows(tokens=tokens[window], doc_ids=doc_ids[window], seq_len=seq_len)
+
+
+def make_batch(rows: PackedRows, indices: np.ndarray) -> dict[str, np.ndarray]:
+    """Model inputs for `rows[indices]`, each [b, seq_len]; index -1 gives an all-padding row."""
+    indices = np.asarray(indices)
+    real = (indices >= 0)[:, None]
+    tokens = np.where(real, rows.tokens[np.maximum(indices, 0)], PAD_ID)
+    docs = np.where(real, rows.doc_ids[np.maximum(indices, 0)], 0)
+    doc_in, doc_out = docs[:, :-1], docs[:, 1:]
+    # A segment starts at each row start and wherever the input's document changes.
+    starts = np.ones_like(doc_in, bool)
+    starts[:, 1:] = doc_in[:, 1:] != doc_in[:, :-1]
+    pad = doc_in == 0
+    col = np.arange(doc_in.shape[1])
+    first = np.maximum.accumulate(np.where(starts, col, 0), axis=1)
+    return {
+        "inputs": tokens[:, :-1].astype(np.int32),
+        "targets": tokens[:, 1:].astype(np.int32),
+        "weights": ((doc_out == doc_in) & (doc_out != 0)).astype(np.float32),
+        "segment_ids": np.where(pad, 0, np.cumsum(starts, axis=1)).astype(np.int32),
+        "positions": np.where(pad, 0, col - first).astype(np.int32),
+    }
+
+
+class StepBatches:
+    """Training batches indexed by step: a new row permutation each epoch, no hidden state."""
+
+    def __init__(self, rows: PackedRows, global_batch: int, seed: int, shuffle: bool = True):
+        if len(rows) < global_batch:
+            raise ValueError(
+                f"The training split packs into {len(rows)} rows of {rows.seq_len + 1} tokens, "
+                f"fewer than one global batch of {global_batch}; lower data.batch_size or "
+                "data.seq_len, or add text."
+            )
+        self.rows, self.global_batch, self.seed = rows, global_batch, seed
+        order = grain.MapDataset.range(len(rows))
+        # Grain's random-access shuffle gives index i of epoch e at e * len + i, permuted anew
+        # for every epoch from the seed alone.
+        self._order = order.seed(seed).shuffle() if shuffle else order
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Whole global batches per pass over the rows (the remainder rows wait a pass)."""
+        return len(self.rows) // self.global_batch
+
+    def indices(self, step: int) -> np.ndarray:
+        """Row indices of the global batch at `step`."""
+        epoch, within = divmod(step, self.steps_per_epoch)
+        start = epoch * len(self.rows) + within * self.global_batch
+        return np.array([self._order[start + i] for i in range(self.global_batch)], np.int64)
+
+    def local_batch(
+        self, step: int, process_index: int | None = None, process_count: int | None = None
+    ) -> dict[str, np.ndarray]:
+        """This process's contiguous share of the global batch at `step`."""
+        index = jax.process_index() if process_index is None else process_index
+        count = jax.process_count() if process_count is None else process_count
+        if self.global_batch % count:
+            raise ValueError(
+                f"data.batch_size={self.global_batch} must divide evenly over {count} processes."
+            )
+        per = self.global_batch // count
+        return make_batch(self.rows, self.indices(step)[index * per : (index + 1) * per])
+
+
+def eval_batches(
+    rows: PackedRows, batch_size: int, max_batches: int = 0
+) -> Iterator[dict[str, np.ndarray]]:
+    """Rows in order, `batch_size` at a time; the last batch is filled with padding rows."""
+    count = -(-len(rows) // batch_size)
+    for b in range(min(count, max_batches) if max_batches else count):
+        indices = np.arange(b * batch_size, (b + 1) * batch_size)
+        yield make_batch(rows, np.where(indices < len(rows), indices, -1))
+
+
+def to_global(
+    local: dict[str, np.ndarray], sharding: jax.sharding.NamedSharding
+) -> dict[str, jax.Array]:
+    """Assemble every process's local rows into global arrays laid out by `sharding`."""
+    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}
+
+
+@dataclasses.dataclass
+class PretrainData:
+    """Everything pretraining reads: the tokenizer, train batches and packed validation rows."""
+
+    tokenizer: Tokenizer
+    train: StepBatches
+    validation: PackedRows
+    token_bytes: np.ndarray
+
+
+def _tokenizer_for(data: DataConfig, run_dir: Path, train_docs: Sequence[str],
+                   vocab_size: int) -> Tokenizer:
+    run_model = run_dir / "tokenizer.model"
+    if not data.tokenizer and not run_model.is_file():
+        return train_tokenizer(train_docs, run_model, vocab_size, data.tokenizer_type)
+    tokenizer = load_tokenizer(data.tokenizer or run_model)
+    if tokenizer.vocab_size != vocab_size:
+        raise ValueError(
+            f"Tokenizer {tokenizer.path} has {tokenizer.vocab_size} pieces but "
+            f"model.vocab_size={vocab_size}; set model.vocab_size={tokenizer.vocab_size}."
+        )
+    return tokenizer
+
+
+def load_pretrain_data(data: DataConfig, run_dir: str | Path, vocab_size: int) -> PretrainData:
+    """Documents -> tokenizer (given, reused from `run_dir`, or trained there) -> packed splits."""
+    documents = load_documents(data.source, data.data_dir, data.validation_fraction)
+    tokenizer = _tokenizer_for(data, Path(run_dir), documents["train"], vocab_size)
+    train, validation = (
+        pack_documents(tokenize_documents(tokenizer, documents[split]), data.seq_len)
+        for split in ("train", "validation")
+    )
+    return PretrainData(
+        tokenizer=tokenizer,
+        train=StepBatches(train, data.batch_size, data.seed),
+        validation=validation,
+        token_bytes=tokenizer.token_bytes(),
+    )

@@ -1,0 +1,127 @@
+"""SentencePiece tokenizers that round-trip any UTF-8 text exactly.
+
+Ids 0-6 are fixed for every model trained here, so objectives can name them without a
+tokenizer at hand: pad, unk, bos, eos (control pieces) and `<mask>`, `<sep>`, `<cls>`
+(user-defined pieces). A `\\n` piece follows them: training sentences are single lines, so
+without it every newline would cost a byte-fallback token.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+import sentencepiece as spm
+
+PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
+MASK_ID, SEP_ID, CLS_ID = 4, 5, 6
+USER_SYMBOLS = ("<mask>", "<sep>", "<cls>", "\n")
+# Byte fallback needs all 256 byte pieces next to the control and user-defined ones.
+NUM_RESERVED = 4 + len(USER_SYMBOLS) + 256
+
+
+class Tokenizer:
+    """A loaded SentencePiece model with batch encoding and per-piece byte lengths."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self._sp = spm.SentencePieceProcessor(model_file=str(self.path))
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of pieces, including the reserved ones."""
+        return self._sp.get_piece_size()
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text`, without BOS/EOS."""
+        return self._sp.encode(text)
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        """Token ids of each text, encoded on all CPU cores."""
+        return self._sp.encode(list(texts), num_threads=os.cpu_count() or 1)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """The text of `ids`; pad, bos and eos are dropped."""
+        return self._sp.decode([int(i) for i in ids if i not in (PAD_ID, BOS_ID, EOS_ID)])
+
+    def token_bytes(self) -> np.ndarray:
+        """int32 [vocab_size]: UTF-8 bytes each piece adds to decoded text (for bits-per-byte)."""
+        sizes = np.zeros(self.vocab_size, np.int32)
+        for i in range(self.vocab_size):
+            if self._sp.is_byte(i):
+                sizes[i] = 1
+            elif not (self._sp.is_control(i) or self._sp.is_unknown(i)):
+                sizes[i] = len(self._sp.id_to_piece(i).replace("\u2581", " ").encode())
+        return sizes
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    """Load a `.model` file written by `train_tokenizer` (or any SentencePiece model)."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"Tokenizer model {path} does not exist; set data.tokenizer to an existing "
+            "SentencePiece .model, or leave it empty to train one into the run directory."
+        )
+    return Tokenizer(path)
+
+
+def train_tokenizer(
+    texts: Iterable[str], model_path: str | Path, vocab_size: int, model_type: str = "bpe"
+) -> Tokenizer:
+    """Train a byte-fallback SentencePiece model on `texts` and write it to `model_path`."""
+    # SentencePiece learns from sentences, not whole documents: feed it lines (newlines are
+    # the user-defined `\n` piece, so they never need to be learnt).
+    lines = [line for text in texts for line in text.split("\n") if line]
+    if not lines:
+        raise ValueError("Cannot train a tokenizer on an empty corpus; pass some text.")
+    chars = set("".join(lines)) - set(USER_SYMBOLS)
+    minimum = NUM_RESERVED + len(chars)
+    if vocab_size < minimum:
+        raise ValueError(
+            f"vocab_size={vocab_size} is too small: this corpus needs at least {minimum} pieces "
+            f"({NUM_RESERVED} reserved + {len(chars)} distinct characters); set "
+            f"model.vocab_size >= {minimum}."
+        )
+    model_path = Path(model_path)
+    model_path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=model_path.parent) as tmp:
+        prefix = Path(tmp) / "spm"
+        try:
+            spm.SentencePieceTrainer.train(
+                sentence_iterator=iter(lines),
+                model_prefix=str(prefix),
+                vocab_size=vocab_size,
+                model_type=model_type,
+                # Exact round trip: no normalisation, every space kept, bytes for unseen characters.
+                normalization_rule_name="identity",
+                remove_extra_whitespaces=False,
+                allow_whitespace_only_pieces=True,
+                add_dummy_prefix=False,
+                byte_fallback=True,
+                character_coverage=1.0,
+                split_digits=True,
+                max_sentence_length=1 << 20,
+                num_threads=os.cpu_count() or 1,
+                pad_id=PAD_ID,
+                unk_id=UNK_ID,
+                bos_id=BOS_ID,
+                eos_id=EOS_ID,
+                user_defined_symbols=list(USER_SYMBOLS),
+                minloglevel=2,
+            )
+        except RuntimeError as e:
+            too_high = re.search(r"Vocabulary size too high .*<= (\d+)", str(e))
+            if not too_high:
+                raise
+            raise ValueError(
+                f"vocab_size={vocab_size} is too large for this corpus: it yields at most "
+                f"{too_high.group(1)} pieces; lower model.vocab_size or train on more text."
+            ) from None
+        # Rename within one file system: a crash leaves the old model or none, never half of one.
+        os.replace(f"{prefix}.model", model_path)
+    return Tokenizer(model_path)

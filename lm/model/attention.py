@@ -1,0 +1,100 @@
+"""Multi-head self-attention: softmax(QKᵀ/√d_k)V per head, heads concatenated and projected by W_O.
+
+Grouped-query attention shares each key/value head across `num_heads / num_kv_heads` query
+heads. Rotary position embeddings (RoPE) rotate queries and keys by their positions. The mask
+combines causality with `segment_ids`, so documents packed into one row never see each other.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from lm.config import ModelConfig
+from lm.parallel import constrain
+
+_NEG_INF = -1e30  # large finite negative: exp() underflows to 0 without producing NaN rows
+
+
+def rope(x_BxLxHxK: jax.Array, positions_BxL: jax.Array, theta: float) -> jax.Array:
+    """Rotate channel pairs (i, i + K/2) by angle position * theta^(-2i/K) (rotate-half form)."""
+    half = x_BxLxHxK.shape[-1] // 2
+    inv_freq_K2 = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+    angle_BxLx1xK2 = (positions_BxL[..., None].astype(jnp.float32) * inv_freq_K2)[:, :, None, :]
+    sin, cos = jnp.sin(angle_BxLx1xK2), jnp.cos(angle_BxLx1xK2)
+    x1, x2 = jnp.split(x_BxLxHxK.astype(jnp.float32), 2, axis=-1)
+    rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return rotated.astype(x_BxLxHxK.dtype)
+
+
+def attention_mask(segment_ids_BxL: jax.Array, causal: bool) -> jax.Array:
+    """Boolean [B, 1, L, L] mask: query i may attend key j (same segment, and j <= i if causal)."""
+    same_BxLxL = segment_ids_BxL[:, :, None] == segment_ids_BxL[:, None, :]
+    if causal:
+        length = segment_ids_BxL.shape[1]
+        same_BxLxL &= jnp.tril(jnp.ones((length, length), dtype=bool))[None]
+    return same_BxLxL[:, None]
+
+
+def dot_product_attention(
+    q_BxLxHxK: jax.Array,
+    k_BxSxGxK: jax.Array,
+    v_BxSxGxK: jax.Array,
+    mask_Bx1xLxS: jax.Array,
+    implementation: str,
+) -> jax.Array:
+    """softmax(QKᵀ/√d_k)V with G key/value heads shared by H query heads."""
+    if implementation in ("xla", "cudnn"):
+        return jax.nn.dot_product_attention(
+            q_BxLxHxK, k_BxSxGxK, v_BxSxGxK, mask=mask_Bx1xLxS, implementation=implementation
+        )
+    batch, length, heads, head_dim = q_BxLxHxK.shape
+    groups = k_BxSxGxK.shape[2]
+    q_BxLxGxRxK = q_BxLxHxK.reshape(batch, length, groups, heads // groups, head_dim)
+    scores_BxGxRxLxS = jnp.einsum(
+        "blgrk,bsgk->bgrls", q_BxLxGxRxK, k_BxSxGxK, preferred_element_type=jnp.float32
+    ) / jnp.sqrt(jnp.float32(head_dim))
+    scores_BxGxRxLxS = jnp.where(mask_Bx1xLxS[:, :, None], scores_BxGxRxLxS, _NEG_INF)
+    probs_BxGxRxLxS = jax.nn.softmax(scores_BxGxRxLxS, axis=-1).astype(v_BxSxGxK.dtype)
+    out_BxLxGxRxK = jnp.einsum("bgrls,bsgk->blgrk", probs_BxGxRxLxS, v_BxSxGxK)
+    return out_BxLxGxRxK.reshape(batch, length, heads, head_dim)
+
+
+class Attention(nnx.Module):
+    """Multi-head (or grouped-query) self-attention with optional RoPE."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        d, h, g, k = cfg.d_model, cfg.num_heads, cfg.kv_heads, cfg.head_dim
+        init = nnx.initializers.normal(cfg.init_std)
+        # Output projections start smaller so the residual stream's variance does not grow
+        # with depth (GPT-2's 1/sqrt(2 * layers) scaling).
+        out_init = nnx.initializers.normal(cfg.init_std / (2 * cfg.num_layers) ** 0.5)
+        pdt = jnp.dtype(cfg.param_dtype)
+        self.wq = nnx.Param(init(rngs.params(), (d, h, k), pdt), out_sharding=("embed", "heads", "kv"))
+        self.wk = nnx.Param(init(rngs.params(), (d, g, k), pdt), out_sharding=("embed", "kv_heads", "kv"))
+        self.wv = nnx.Param(init(rngs.params(), (d, g, k), pdt), out_sharding=("embed", "kv_heads", "kv"))
+        self.wo = nnx.Param(out_init(rngs.params(), (h, k, d), pdt), out_sharding=("heads", "kv", "embed"))
+
+    def __call__(
+        self,
+        x_BxLxD: jax.Array,
+        segment_ids_BxL: jax.Array,
+        positions_BxL: jax.Array,
+        causal: bool = True,
+    ) -> jax.Array:
+        cfg = self.cfg
+        dt = jnp.dtype(cfg.dtype)
+        x_BxLxD = x_BxLxD.astype(dt)
+        q_BxLxHxK = jnp.einsum("bld,dhk->blhk", x_BxLxD, self.wq[...].astype(dt))
+        k_BxLxGxK = jnp.einsum("bld,dgk->blgk", x_BxLxD, self.wk[...].astype(dt))
+        v_BxLxGxK = jnp.einsum("bld,dgk->blgk", x_BxLxD, self.wv[...].astype(dt))
+        q_BxLxHxK = constrain(q_BxLxHxK, ("act_batch", "act_length", "act_heads", None))
+        if cfg.position == "rope":
+            q_BxLxHxK = rope(q_BxLxHxK, positions_BxL, cfg.rope_theta)
+            k_BxLxGxK = rope(k_BxLxGxK, positions_BxL, cfg.rope_theta)
+        mask = attention_mask(segment_ids_BxL, causal)
+        out_BxLxHxK = dot_product_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, mask, cfg.attention)
+        out_BxLxD = jnp.einsum("blhk,hkd->bld", out_BxLxHxK, self.wo[...].astype(dt))
+        return constrain(out_BxLxD, ("act_batch", "act_length", "act_embed"))

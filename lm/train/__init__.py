@@ -1,0 +1,1 @@
+"""Training: state, optimizer, objectives, the one train step, the shared loop, checkpoints."""

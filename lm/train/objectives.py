@@ -1,0 +1,48 @@
+"""Training objectives: each maps (model, batch) to summed losses and metrics.
+
+Objectives return sums over the batch (never means) together with the number of scored
+targets, so the train step can accumulate micro-batches and divide once: the loss of a global
+batch is the same whatever the mesh, the micro-batch split or the number of processes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import optax
+
+Batch = dict[str, jax.Array]
+
+
+def token_losses(logits_BxLxV: jax.Array, targets_BxL: jax.Array, z_loss: float = 0.0):
+    """(per-token cross-entropy, per-token z-loss term, per-token correctness), all [B, L] f32."""
+    logits_BxLxV = logits_BxLxV.astype(jnp.float32)
+    nll_BxL = optax.softmax_cross_entropy_with_integer_labels(logits_BxLxV, targets_BxL)
+    z_BxL = z_loss * jnp.square(jax.nn.logsumexp(logits_BxLxV, axis=-1)) if z_loss else 0.0
+    correct_BxL = (logits_BxLxV.argmax(-1) == targets_BxL).astype(jnp.float32)
+    return nll_BxL, z_BxL, correct_BxL
+
+
+@dataclass(frozen=True)
+class CausalLM:
+    """Next-token prediction; `weights` is 0 at padding and across packed-document boundaries.
+
+    Optional z-loss (PaLM) keeps the softmax normaliser near 1 for stable low-precision training.
+    """
+
+    z_loss: float = 0.0
+
+    def loss(self, model, batch: Batch, dropout_key: jax.Array | None = None):
+        logits_BxLxV = model(
+            batch["inputs"], batch["segment_ids"], batch["positions"], dropout_key=dropout_key
+        )
+        nll_BxL, z_BxL, correct_BxL = token_losses(logits_BxLxV, batch["targets"], self.z_loss)
+        w_BxL = batch["weights"]
+        metrics = {
+            "nll_sum": jnp.sum(nll_BxL * w_BxL),
+            "correct_sum": jnp.sum(correct_BxL * w_BxL),
+            "weight_sum": jnp.sum(w_BxL),
+        }
+        return jnp.sum((nll_BxL + z_BxL) * w_BxL), metrics

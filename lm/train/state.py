@@ -1,0 +1,71 @@
+"""Train state (params + optimizer state + step), created already sharded on the mesh."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh
+
+from lm.config import ModelConfig
+from lm.model import Transformer
+from lm.model.transformer import abstract_split
+from lm.parallel import replicated, state_shardings
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: nnx.State
+    opt_state: Any
+
+
+def _is_variable(x: Any) -> bool:
+    return isinstance(x, nnx.Variable)
+
+
+def create_train_state(
+    cfg: ModelConfig, tx: optax.GradientTransformation, mesh: Mesh, seed: int
+) -> tuple[nnx.GraphDef, TrainState, TrainState]:
+    """(graphdef, state, shardings): eval_shape → partition specs → jit(init, out_shardings).
+
+    No parameter is ever materialised whole on one device; optimizer moments are sharded
+    exactly like the parameters they track.
+    """
+
+    def init() -> TrainState:
+        with nnx.use_eager_sharding(False):
+            params = nnx.state(Transformer(cfg, rngs=nnx.Rngs(seed)))
+        return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
+
+    with nnx.use_eager_sharding(False):
+        graphdef, _ = abstract_split(lambda: Transformer(cfg, rngs=nnx.Rngs(seed)))
+        abstract = jax.eval_shape(init)
+    shardings = train_state_shardings(abstract, tx, mesh)
+    state = jax.jit(init, out_shardings=shardings)()
+    return graphdef, state, shardings
+
+
+def train_state_shardings(abstract: TrainState, tx: optax.GradientTransformation, mesh: Mesh):
+    """Shardings for a TrainState: params by their logical axes, moments following params."""
+    param_sh = state_shardings(abstract.params, mesh)
+    opt_sh = optax.tree_map_params(
+        tx,
+        lambda _, sharding: sharding,
+        abstract.opt_state,
+        param_sh,
+        transform_non_params=lambda _: replicated(mesh),
+        is_leaf=_is_variable,
+    )
+    return TrainState(replicated(mesh), param_sh, opt_sh)
+
+
+def abstract_with_shardings(abstract: Any, shardings: Any) -> Any:
+    """ShapeDtypeStructs carrying shardings: the restore target for Orbax."""
+    return jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
+    )
