@@ -41,6 +41,7 @@ def make_model(seq: int) -> GPT2LMHeadModel:
         attn_pdrop=0.0,
         bos_token_id=0,
         eos_token_id=0,
+        loss_type="ForCausalLM",  # explicit: avoids a logger warning (a torch.compile graph break)
     )
     return GPT2LMHeadModel(config).float()
 

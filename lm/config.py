@@ -7,6 +7,7 @@ sentence that names the offending key and the fix.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import types
@@ -21,7 +22,7 @@ class ConfigError(ValueError):
     """A configuration value or key that cannot be used; the message says how to fix it."""
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """Decoder-only Transformer shape and numerics."""
 
@@ -55,7 +56,7 @@ class ModelConfig:
         return self.d_model // self.num_heads
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class MeshConfig:
     """Device mesh sizes for axes ('data', 'fsdp', 'tensor'); -1 fills the remaining devices."""
 
@@ -64,7 +65,7 @@ class MeshConfig:
     tensor: int = 1
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class DataConfig:
     """Where text comes from and how it becomes batches."""
 
@@ -78,7 +79,7 @@ class DataConfig:
     validation_fraction: float = 0.05  # for local text sources (Shakespeare holds out fixed plays)
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class OptimConfig:
     """AdamW with warmup and decay, clipping and gradient accumulation."""
 
@@ -94,12 +95,13 @@ class OptimConfig:
     grad_accum: int = 1
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """Length of the run, evaluation cadence and logging."""
 
     run_dir: str = "runs/default"
     steps: int = 1000
+    stop_at: int = 0  # stop early after this step, as a preemption would (0 = run all steps)
     seed: int = 0
     eval_every: int = 200
     eval_batches: int = 0  # 0 = the whole validation split
@@ -109,7 +111,7 @@ class TrainConfig:
     sample_prompt: str = ""
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class CheckpointConfig:
     """Orbax checkpointing cadence and retention."""
 
@@ -156,7 +158,8 @@ def _coerce(path: str, value: Any, annotation: Any) -> Any:
     """Turn a YAML or command-line value into the field's declared type, or raise ConfigError."""
     target = {"int": int, "float": float, "bool": bool, "str": str}.get(annotation, annotation)
     if isinstance(value, str) and target is not str:
-        value = yaml.safe_load(value) if value.strip() else value
+        with contextlib.suppress(ValueError, yaml.YAMLError):  # YAML reads "3e-4" as a string
+            value = float(value) if target is float else yaml.safe_load(value)
     if target is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if not isinstance(value, target) or (target is int and isinstance(value, bool)):
@@ -193,7 +196,7 @@ def _set(cfg: Config, dotted: str, value: Any) -> None:
     annotation = hints[name]
     if isinstance(annotation, types.UnionType):
         annotation = typing.get_args(annotation)[0]
-    setattr(sub, name, _coerce(dotted, value, annotation))
+    setattr(cfg, section, dataclasses.replace(sub, **{name: _coerce(dotted, value, annotation)}))
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
@@ -207,7 +210,9 @@ def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()
+) -> Config:
     """Build a validated Config from an optional YAML file and `section.key=value` overrides."""
     cfg = Config()
     if path is not None:
@@ -237,23 +242,36 @@ def validate(cfg: Config, device_count: int | None = None) -> None:
         if value not in options:
             raise ConfigError(f"{key} must be one of {list(options)}, got '{value}'.")
     positive = {
-        "model.vocab_size": m.vocab_size, "model.d_model": m.d_model,
-        "model.num_layers": m.num_layers, "model.num_heads": m.num_heads,
-        "model.d_ff": m.d_ff, "model.max_seq_len": m.max_seq_len,
-        "data.seq_len": d.seq_len, "data.batch_size": d.batch_size,
-        "optim.grad_accum": o.grad_accum, "train.steps": t.steps,
-        "train.eval_every": t.eval_every, "train.log_every": t.log_every,
-        "checkpoint.every": cfg.checkpoint.every, "checkpoint.keep": cfg.checkpoint.keep,
+        "model.vocab_size": m.vocab_size,
+        "model.d_model": m.d_model,
+        "model.num_layers": m.num_layers,
+        "model.num_heads": m.num_heads,
+        "model.d_ff": m.d_ff,
+        "model.max_seq_len": m.max_seq_len,
+        "data.seq_len": d.seq_len,
+        "data.batch_size": d.batch_size,
+        "optim.grad_accum": o.grad_accum,
+        "train.steps": t.steps,
+        "train.eval_every": t.eval_every,
+        "train.log_every": t.log_every,
+        "checkpoint.every": cfg.checkpoint.every,
+        "checkpoint.keep": cfg.checkpoint.keep,
     }
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{key} must be positive, got {value}.")
     if o.lr <= 0:
         raise ConfigError(f"optim.lr must be positive, got {o.lr}; try optim.lr=3e-4.")
-    for key, value in {"optim.weight_decay": o.weight_decay, "optim.clip_norm": o.clip_norm,
-                       "optim.warmup_steps": o.warmup_steps, "train.z_loss": t.z_loss,
-                       "train.eval_batches": t.eval_batches, "model.num_kv_heads": m.num_kv_heads,
-                       "train.sample_tokens": t.sample_tokens}.items():
+    for key, value in {
+        "optim.weight_decay": o.weight_decay,
+        "optim.clip_norm": o.clip_norm,
+        "optim.warmup_steps": o.warmup_steps,
+        "train.z_loss": t.z_loss,
+        "train.eval_batches": t.eval_batches,
+        "model.num_kv_heads": m.num_kv_heads,
+        "train.sample_tokens": t.sample_tokens,
+        "train.stop_at": t.stop_at,
+    }.items():
         if value < 0:
             raise ConfigError(f"{key} must not be negative, got {value}.")
     if not 0.0 <= m.dropout < 1.0:

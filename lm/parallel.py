@@ -44,9 +44,7 @@ def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> M
     """A ('data', 'fsdp', 'tensor') mesh over `devices` (default: all), -1 filling the rest."""
     devices = list(jax.devices() if devices is None else devices)
     shape = mesh_shape(cfg, len(devices))
-    return jax.make_mesh(
-        shape, MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices
-    )
+    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
 
 
 def logical_to_spec(
@@ -58,7 +56,9 @@ def logical_to_spec(
     used: set[str] = set()
     spec = []
     for name, size in zip(logical, shape, strict=True):
-        axes = [a for a in RULES.get(name, ()) if a in mesh_shape_ and a not in used] if name else []
+        axes = (
+            [a for a in RULES.get(name, ()) if a in mesh_shape_ and a not in used] if name else []
+        )
         axes = [a for a in axes if mesh_shape_[a] > 1]
         if axes and size % int(np.prod([mesh_shape_[a] for a in axes])) == 0:
             used.update(axes)

@@ -12,3 +12,78 @@ _CACHE = pathlib.Path(__file__).resolve().parent.parent / ".cache" / "jax"
 jax.config.update("jax_compilation_cache_dir", str(_CACHE))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from lm.config import Config, ModelConfig, load_config  # noqa: E402
+
+
+def tiny_model(**overrides) -> ModelConfig:
+    """A model small enough to compile in a second or two."""
+    base = dict(
+        vocab_size=64,
+        d_model=32,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        d_ff=64,
+        max_seq_len=16,
+    )
+    return ModelConfig(**{**base, **overrides})
+
+
+def random_batch(rows: int = 8, length: int = 16, vocab: int = 64, seed: int = 0, docs: int = 2):
+    """A packed-looking batch: each row holds `docs` documents with their own positions."""
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(0, vocab, (rows, length + 1)).astype(np.int32)
+    bounds = np.sort(rng.choice(np.arange(1, length), docs - 1, replace=False))
+    segment = np.searchsorted(bounds, np.arange(length), side="right").astype(np.int32) + 1
+    starts = np.concatenate([[0], bounds])
+    positions = (np.arange(length) - starts[segment - 1]).astype(np.int32)
+    weights = np.ones((rows, length), np.float32)
+    weights[:, bounds - 1] = 0.0  # no target across a document boundary
+    return {
+        "inputs": tokens[:, :-1],
+        "targets": tokens[:, 1:],
+        "weights": weights,
+        "segment_ids": np.tile(segment, (rows, 1)),
+        "positions": np.tile(positions, (rows, 1)),
+    }
+
+
+@pytest.fixture
+def tiny_text_config(tmp_path) -> Config:
+    """A whole run on a small local text corpus: tiny model, few steps, run dir in tmp."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    rng = np.random.default_rng(0)
+    words = ["the", "king", "queen", "and", "of", "to", "my", "lord", "is", "what", "thou"]
+    for i in range(12):
+        text = "\n".join(" ".join(rng.choice(words, 9)) for _ in range(40))
+        (corpus / f"doc{i:02d}.txt").write_text(text + "\n")
+    return load_config(
+        None,
+        [
+            f"data.source={corpus}",
+            f"data.data_dir={tmp_path / 'tfds'}",
+            "data.seq_len=16",
+            "data.batch_size=8",
+            "data.validation_fraction=0.2",
+            "model.vocab_size=300",
+            "model.d_model=32",
+            "model.num_layers=2",
+            "model.num_heads=4",
+            "model.d_ff=64",
+            "model.max_seq_len=16",
+            f"train.run_dir={tmp_path / 'run'}",
+            "train.steps=6",
+            "train.log_every=1",
+            "train.eval_every=3",
+            "train.eval_batches=2",
+            "train.sample_tokens=8",
+            "checkpoint.every=3",
+            "mesh.data=-1",
+        ],
+    )

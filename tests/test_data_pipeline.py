@@ -36,7 +36,7 @@ def test_packing_keeps_every_token_exactly_once(seq_len):
     # Inputs of all rows plus the final target are the stream, followed only by padding.
     flat = np.concatenate([rows.tokens[:, :-1].ravel(), rows.tokens[-1:, -1]])
     np.testing.assert_array_equal(flat[: len(stream)], stream)
-    assert (flat[len(stream):] == PAD_ID).all() and len(flat) - len(stream) < seq_len
+    assert (flat[len(stream) :] == PAD_ID).all() and len(flat) - len(stream) < seq_len
     targets = rows.tokens[:, 1:][rows.doc_ids[:, 1:] > 0]
     assert Counter(targets.tolist()) == Counter(stream[1:].tolist())
     # Consecutive rows overlap by exactly one token.
@@ -64,8 +64,11 @@ def test_hand_made_batch_weights_segments_positions():
     assert batch["segment_ids"].tolist() == [[1, 1, 1, 2], [1, 2, 2, 2], [0, 0, 0, 0]]
     assert batch["positions"].tolist() == [[0, 1, 2, 0], [0, 0, 1, 2], [0, 0, 0, 0]]
     assert {k: v.dtype for k, v in batch.items()} == {
-        "inputs": np.int32, "targets": np.int32, "weights": np.float32,
-        "segment_ids": np.int32, "positions": np.int32,
+        "inputs": np.int32,
+        "targets": np.int32,
+        "weights": np.float32,
+        "segment_ids": np.int32,
+        "positions": np.int32,
     }
 
 
@@ -108,9 +111,7 @@ def test_process_slices_assemble_the_single_process_batch(processes):
 def test_epochs_cover_every_row_once_in_different_orders():
     batches = StepBatches(_rows(48), 8, seed=0)
     assert batches.steps_per_epoch == 6
-    epochs = [
-        np.concatenate([batches.indices(e * 6 + s) for s in range(6)]) for e in range(3)
-    ]
+    epochs = [np.concatenate([batches.indices(e * 6 + s) for s in range(6)]) for e in range(3)]
     for order in epochs:
         assert sorted(order.tolist()) == list(range(48))
     assert not np.array_equal(epochs[0], epochs[1]) and not np.array_equal(epochs[1], epochs[2])
@@ -153,8 +154,13 @@ def test_load_pretrain_data_trains_reuses_and_checks_the_tokenizer(tmp_path):
     rng = np.random.default_rng(0)
     for i in range(12):
         (corpus / f"{i}.txt").write_text(" ".join(rng.choice(words, 300)) + "\n")
-    config = DataConfig(source=str(corpus), data_dir=str(tmp_path / "data"), seq_len=32,
-                        batch_size=4, validation_fraction=0.2)
+    config = DataConfig(
+        source=str(corpus),
+        data_dir=str(tmp_path / "data"),
+        seq_len=32,
+        batch_size=4,
+        validation_fraction=0.2,
+    )
     data = load_pretrain_data(config, tmp_path / "run", vocab_size=300)
     model = tmp_path / "run" / "tokenizer.model"
     assert model.is_file() and data.tokenizer.vocab_size == 300

@@ -145,8 +145,9 @@ class PretrainData:
     token_bytes: np.ndarray
 
 
-def _tokenizer_for(data: DataConfig, run_dir: Path, train_docs: Sequence[str],
-                   vocab_size: int) -> Tokenizer:
+def _tokenizer_for(
+    data: DataConfig, run_dir: Path, train_docs: Sequence[str], vocab_size: int
+) -> Tokenizer:
     run_model = run_dir / "tokenizer.model"
     if not data.tokenizer and not run_model.is_file():
         return train_tokenizer(train_docs, run_model, vocab_size, data.tokenizer_type)

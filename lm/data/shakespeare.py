@@ -146,8 +146,9 @@ def _title_from(stem: str) -> str:
 
 def scene_text(scene: Scene) -> str:
     """A scene in tiny_shakespeare layout: `SPEAKER:` then its lines, speeches split by a blank."""
-    return "\n".join(f"{s.speaker}:\n" + "".join(f"{line}\n" for line in s.lines)
-                     for s in scene.speeches)
+    return "\n".join(
+        f"{s.speaker}:\n" + "".join(f"{line}\n" for line in s.lines) for s in scene.speeches
+    )
 
 
 def shakespeare_documents(split: str) -> list[str]:

@@ -47,8 +47,9 @@ class _TextBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     def _split_generators(self, dl_manager):
         del dl_manager  # everything comes from memory; nothing is downloaded
         # TFDS cannot write an empty split; `build_text_dataset` serves those itself.
-        return {split: self._generate_examples(docs) for split, docs in self._documents.items()
-                if docs}
+        return {
+            split: self._generate_examples(docs) for split, docs in self._documents.items() if docs
+        }
 
     def _generate_examples(self, docs: list[str]):
         for i, doc in enumerate(docs):
@@ -118,8 +119,10 @@ def build_text_dataset(
         builder.download_and_prepare(
             download_config=tfds.download.DownloadConfig(try_download_gcs=False)
         )
-    return {split: TextSplit(builder.as_data_source(split=split)) if docs else []
-            for split, docs in documents.items()}
+    return {
+        split: TextSplit(builder.as_data_source(split=split)) if docs else []
+        for split, docs in documents.items()
+    }
 
 
 def _txt_files(pattern: str) -> list[Path]:

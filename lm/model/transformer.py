@@ -11,6 +11,7 @@ from flax import nnx
 
 from lm.config import ModelConfig
 from lm.model.attention import Attention
+from lm.model.linear import dense
 from lm.parallel import constrain
 
 _REMAT_POLICIES: dict[str, Any] = {
@@ -55,14 +56,13 @@ class Mlp(nnx.Module):
 
     def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
         dt = jnp.dtype(self.cfg.dtype)
-        x_BxLxD = x_BxLxD.astype(dt)
-        h_BxLxF = x_BxLxD @ self.w_up[...].astype(dt)
+        h_BxLxF = dense(x_BxLxD, self.w_up[...], dt)
         if self.cfg.mlp == "swiglu":
-            h_BxLxF = jax.nn.silu(x_BxLxD @ self.w_gate[...].astype(dt)) * h_BxLxF
+            h_BxLxF = jax.nn.silu(dense(x_BxLxD, self.w_gate[...], dt)) * h_BxLxF
         else:
             h_BxLxF = jax.nn.gelu(h_BxLxF)
         h_BxLxF = constrain(h_BxLxF, ("act_batch", "act_length", "act_mlp"))
-        return h_BxLxF @ self.w_down[...].astype(dt)
+        return dense(h_BxLxF, self.w_down[...], dt)
 
 
 def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
@@ -198,9 +198,7 @@ class Transformer(nnx.Module):
         """Vocabulary logits in float32 from hidden states."""
         dt = jnp.dtype(self.cfg.dtype)
         w_DxV = self.embed[...].T if self.cfg.tie_embeddings else self.unembed[...]
-        logits_BxLxV = jnp.einsum(
-            "bld,dv->blv", h_BxLxD.astype(dt), w_DxV.astype(dt), preferred_element_type=jnp.float32
-        )
+        logits_BxLxV = dense(h_BxLxD, w_DxV, dt, out_dtype=jnp.float32)
         return constrain(logits_BxLxV, ("act_batch", "act_length", "act_vocab"))
 
     def __call__(self, tokens_BxL, segment_ids_BxL=None, positions_BxL=None, **kwargs) -> jax.Array:

@@ -24,7 +24,9 @@ def _schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
     warmup = min(cfg.warmup_steps, total_steps)
     end = cfg.lr * cfg.min_lr_ratio
     if cfg.schedule == "cosine":
-        return optax.warmup_cosine_decay_schedule(0.0, cfg.lr, warmup, max(total_steps, warmup + 1), end)
+        return optax.warmup_cosine_decay_schedule(
+            0.0, cfg.lr, warmup, max(total_steps, warmup + 1), end
+        )
     decay_steps = max(total_steps - warmup, 1)
     after = (
         optax.linear_schedule(cfg.lr, end, decay_steps)

@@ -38,21 +38,22 @@ def make_train_step(
     grad_fn = jax.grad(loss_fn, has_aux=True)
 
     def step(state: TrainState, batch: Batch):
-        key = None if dropout_seed is None else jax.random.fold_in(
-            jax.random.key(dropout_seed), state.step
+        key = (
+            None
+            if dropout_seed is None
+            else jax.random.fold_in(jax.random.key(dropout_seed), state.step)
         )
         if grad_accum == 1:
             grads, sums = grad_fn(state.params, batch, key)
         else:
+
             def accumulate(carry, inputs):
                 i, micro = inputs
                 micro_key = None if key is None else jax.random.fold_in(key, i)
                 g, s = grad_fn(state.params, micro, micro_key)
                 return jax.tree.map(jnp.add, carry, (g, s)), None
 
-            zeros = jax.tree.map(
-                jnp.zeros_like, jax.eval_shape(grad_fn, state.params, batch, key)
-            )
+            zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(grad_fn, state.params, batch, key))
             (grads, sums), _ = jax.lax.scan(
                 accumulate, zeros, (jnp.arange(grad_accum), _micro_batches(batch, grad_accum))
             )
@@ -62,9 +63,8 @@ def make_train_step(
         params = optax.apply_updates(state.params, updates)
         metrics = {
             "loss": sums["nll_sum"] / denom,
-            "accuracy": sums["correct_sum"] / denom,
             "tokens": sums["weight_sum"],
-            "grad_norm": optax.global_norm(grads),
+            "grad_norm": optax.tree.norm(grads),
         }
         return TrainState(state.step + 1, params, opt_state), metrics
 
@@ -75,7 +75,7 @@ def make_eval_step(graphdef: nnx.GraphDef, objective) -> Callable[[nnx.State, Ba
     """A jitted `eval(params, batch) -> summed metrics` (no dropout, no update)."""
 
     def evaluate(params, batch: Batch):
-        _, sums = objective.loss(nnx.merge(graphdef, params), batch, None)
+        _, sums = objective.loss(nnx.merge(graphdef, params), batch, None, evaluating=True)
         return sums
 
     return jax.jit(evaluate)

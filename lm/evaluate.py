@@ -1,0 +1,52 @@
+"""Language-model evaluation: cross-entropy, perplexity and bits-per-byte over a split.
+
+Bits-per-byte is tokenizer-independent: total nats / (ln 2 × UTF-8 bytes of the scored text),
+where the bytes are those of the scored target tokens, so a token's cost and its length in
+text are counted over exactly the same tokens.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+
+import jax
+import numpy as np
+
+from lm.data.pipeline import to_global
+from lm.train.objectives import Batch
+
+
+def local_rows(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """This process's contiguous slice of a global host batch."""
+    count, index = jax.process_count(), jax.process_index()
+    rows = len(next(iter(batch.values()))) // count
+    return {k: v[index * rows : (index + 1) * rows] for k, v in batch.items()}
+
+
+def evaluate_lm(
+    eval_step: Callable[[object, Batch], dict],
+    params,
+    batches: Iterable[dict[str, np.ndarray]],
+    token_bytes: np.ndarray,
+    sharding: jax.sharding.NamedSharding,
+) -> dict[str, float]:
+    """loss (nats/token), perplexity, bits_per_byte and token accuracy over `batches`."""
+    nll = correct = tokens = 0.0
+    num_bytes = 0
+    for batch in batches:
+        sums = jax.device_get(eval_step(params, to_global(local_rows(batch), sharding)))
+        nll += float(sums["nll_sum"])
+        correct += float(sums["correct_sum"])
+        tokens += float(sums["weight_sum"])
+        num_bytes += int((token_bytes[batch["targets"]] * batch["weights"]).sum())
+    if tokens == 0:
+        raise ValueError("The evaluation split has no scored tokens; provide a non-empty split.")
+    loss = nll / tokens
+    return {
+        "loss": loss,
+        "perplexity": math.exp(min(loss, 700.0)),
+        "bits_per_byte": nll / (math.log(2) * max(num_bytes, 1)),
+        "accuracy": correct / tokens,
+        "tokens": tokens,
+    }

@@ -1,0 +1,119 @@
+"""`lm pretrain`: train a causal language model from scratch, or resume a run.
+
+Reads top to bottom: config → mesh → data → sharded state (or the newest checkpoint) →
+the shared loop → final evaluation and a sample.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax
+import yaml
+
+from lm.config import Config, ConfigError, to_dict, validate
+from lm.data.pipeline import eval_batches, load_pretrain_data, to_global
+from lm.evaluate import evaluate_lm
+from lm.flops import peak_flops_per_device, train_flops_per_token
+from lm.generate import sample
+from lm.parallel import batch_sharding, make_mesh
+from lm.train.checkpoint import Checkpointer, abstract_of
+from lm.train.loop import LoopSettings, run_loop
+from lm.train.metrics import MetricsWriter
+from lm.train.objectives import CausalLM
+from lm.train.optim import make_optimizer
+from lm.train.state import create_train_state
+from lm.train.step import make_eval_step, make_train_step
+
+
+def check_batch_fits_mesh(cfg: Config, mesh: jax.sharding.Mesh) -> None:
+    """Every micro-batch must split evenly over the batch-sharded mesh axes."""
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    micro = cfg.data.batch_size // cfg.optim.grad_accum
+    if micro % shards:
+        raise ConfigError(
+            f"data.batch_size / optim.grad_accum = {micro} rows cannot split over "
+            f"data*fsdp = {shards} devices; make data.batch_size a multiple of "
+            f"{shards * cfg.optim.grad_accum}."
+        )
+
+
+def pretrain(cfg: Config) -> dict[str, float]:
+    """Run (or resume) pretraining as `cfg` says; returns the final validation metrics."""
+    validate(cfg, jax.device_count())
+    run_dir = Path(cfg.train.run_dir)
+    mesh = make_mesh(cfg.mesh)
+    check_batch_fits_mesh(cfg, mesh)
+    data = load_pretrain_data(cfg.data, run_dir, cfg.model.vocab_size)
+    if jax.process_index() == 0:
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+    writer = MetricsWriter(run_dir, cfg.train.steps)
+    writer.print(
+        f"data: {len(data.train.rows):,} train rows, {len(data.validation):,} validation rows "
+        f"of {cfg.data.seq_len} tokens ({data.train.rows.padding_fraction:.2%} padding)"
+    )
+    tx = make_optimizer(cfg.optim, cfg.train.steps)
+    checkpointer = Checkpointer(run_dir / "checkpoints", cfg.checkpoint)
+    with jax.set_mesh(mesh):
+        graphdef, state, shardings = create_train_state(cfg.model, tx, mesh, cfg.train.seed)
+        start = checkpointer.latest_step() or 0
+        if start:
+            state, _ = checkpointer.restore(start, abstract_of(state), shardings)
+            writer.print(f"resumed from step {start} ({checkpointer.directory})")
+
+        objective = CausalLM(z_loss=cfg.train.z_loss)
+        dropout_seed = cfg.train.seed + 1 if cfg.model.dropout > 0 else None
+        train_step = make_train_step(
+            graphdef, tx, objective, shardings, cfg.optim.grad_accum, dropout_seed
+        )
+        eval_step = make_eval_step(graphdef, objective)
+        rows_sharding = batch_sharding(mesh)
+
+        def batch_at(step: int):
+            return to_global(data.train.local_batch(step), rows_sharding)
+
+        def evaluate(current, max_batches: int = cfg.train.eval_batches) -> dict[str, float]:
+            batches = eval_batches(data.validation, cfg.data.batch_size, max_batches)
+            return evaluate_lm(eval_step, current.params, batches, data.token_bytes, rows_sharding)
+
+        def meta_at(step: int) -> dict:
+            position = {"next_step": step, "seed": cfg.data.seed, "batch": cfg.data.batch_size}
+            return {"step": step, "data_position": position, "config": to_dict(cfg)}
+
+        tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
+        settings = LoopSettings(
+            total_steps=cfg.train.steps,
+            stop_at=min(cfg.train.stop_at or cfg.train.steps, cfg.train.steps),
+            log_every=cfg.train.log_every,
+            eval_every=cfg.train.eval_every,
+            checkpoint_every=cfg.checkpoint.every,
+            tokens_per_step=tokens_per_step,
+            flops_per_step=train_flops_per_token(cfg.model, cfg.data.seq_len) * tokens_per_step,
+            peak_flops=peak_flops_per_device() * jax.device_count(),
+        )
+        state = run_loop(
+            state, train_step, batch_at, settings, writer, checkpointer, meta_at, evaluate, start
+        )
+        final = evaluate(state, max_batches=0)  # the whole validation split
+        checkpointer.close()
+        writer.print(
+            f"validation: loss {final['loss']:.4f} nats/token, "
+            f"perplexity {final['perplexity']:.2f}, bits-per-byte {final['bits_per_byte']:.4f}"
+        )
+        if cfg.train.sample_tokens:
+            text = sample(
+                graphdef,
+                state.params,
+                data.tokenizer,
+                cfg.train.sample_prompt,
+                cfg.train.sample_tokens,
+                cfg.data.seq_len,
+                seed=cfg.train.seed,
+            )
+            writer.print(f"sample:\n{text}")
+    if jax.process_index() == 0:
+        (run_dir / "final_eval.json").write_text(json.dumps(final, indent=2))
+    writer.close()
+    return final

@@ -1,0 +1,75 @@
+"""Orbax checkpoints: async saves of the train state plus JSON metadata; restore onto any mesh.
+
+Orbax writes each step into a temporary folder and renames it when complete, so a crash
+mid-save leaves the previous checkpoint as the newest one: incomplete saves are never read.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+from lm.config import CheckpointConfig
+from lm.train.state import abstract_with_shardings
+
+
+class Checkpointer:
+    """Saves and restores `TrainState` with metadata (config, data position) under `directory`."""
+
+    def __init__(self, directory: str | Path, cfg: CheckpointConfig):
+        self.directory = Path(directory).absolute()
+        self.manager = ocp.CheckpointManager(
+            self.directory,
+            options=ocp.CheckpointManagerOptions(
+                max_to_keep=cfg.keep,
+                enable_async_checkpointing=cfg.async_save,
+                create=True,
+            ),
+            item_names=("state", "meta"),
+        )
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, state: Any, meta: dict, force: bool = False) -> bool:
+        """Start saving (async); returns False if this step was already saved."""
+        if step in self.manager.all_steps():
+            return False
+        return self.manager.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)
+            ),
+            force=force,
+        )
+
+    def restore(self, step: int, abstract_state: Any, shardings: Any) -> tuple[Any, dict]:
+        """(state placed on `shardings`, metadata) of checkpoint `step`, whatever mesh wrote it."""
+        target = abstract_with_shardings(abstract_state, shardings)
+        restored = self.manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()
+            ),
+        )
+        return restored["state"], restored["meta"]
+
+    def restore_meta(self, step: int) -> dict:
+        return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))[
+            "meta"
+        ]
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def abstract_of(tree: Any) -> Any:
+    """ShapeDtypeStructs of a concrete tree (the restore target's shapes)."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)

@@ -1,0 +1,112 @@
+"""Attention math against a plain numpy reference: masks, grouped-query heads, RoPE."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import tiny_model
+from flax import nnx
+
+from lm.model.attention import attention_mask, dot_product_attention, rope
+
+
+def numpy_attention(q, k, v, segment_ids, causal):
+    """softmax(QKᵀ/√d)V per head, key/value heads repeated for grouped queries."""
+    b, length, h, d = q.shape
+    rep = h // k.shape[2]
+    k, v = np.repeat(k, rep, axis=2), np.repeat(v, rep, axis=2)
+    scores = np.einsum("blhd,bshd->bhls", q, k) / np.sqrt(d)
+    allowed = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]
+    if causal:
+        allowed = allowed & np.tril(np.ones((length, length), bool))
+    scores = np.where(allowed, scores, -np.inf)
+    probs = np.exp(scores - scores.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    return np.einsum("bhls,bshd->blhd", probs, v)
+
+
+@pytest.mark.parametrize("implementation", ["xla", "math"])
+@pytest.mark.parametrize("kv_heads", [1, 2, 4])
+@pytest.mark.parametrize("causal", [True, False])
+def test_attention_matches_numpy_with_causal_and_segment_masks(implementation, kv_heads, causal):
+    rng = np.random.default_rng(kv_heads)
+    q = rng.normal(size=(2, 12, 4, 8)).astype(np.float32)
+    k = rng.normal(size=(2, 12, kv_heads, 8)).astype(np.float32)
+    v = rng.normal(size=(2, 12, kv_heads, 8)).astype(np.float32)
+    segment_ids = np.array([[1] * 5 + [2] * 4 + [0] * 3, [1] * 12], np.int32)
+    mask = attention_mask(jnp.asarray(segment_ids), causal)
+    out = dot_product_attention(q, k, v, mask, implementation)
+    expected = numpy_attention(q, k, v, segment_ids, causal)
+    np.testing.assert_allclose(np.asarray(out), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_packed_documents_do_not_see_each_other_through_the_model():
+    from lm.model import Transformer
+
+    cfg = tiny_model()
+    with nnx.use_eager_sharding(False):
+        model = Transformer(cfg, rngs=nnx.Rngs(0))
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 64, (1, 16)), jnp.int32)
+    segments = jnp.asarray([[1] * 6 + [2] * 10], jnp.int32)
+    positions = jnp.asarray([list(range(6)) + list(range(10))], jnp.int32)
+    packed = model(tokens, segments, positions)
+    alone = model(tokens[:, 6:])  # the second document on its own
+    np.testing.assert_allclose(np.asarray(packed[:, 6:]), np.asarray(alone), rtol=1e-5, atol=1e-5)
+    changed = model(tokens.at[0, 0].set(7), segments, positions)
+    np.testing.assert_array_equal(np.asarray(changed[:, 6:]), np.asarray(packed[:, 6:]))
+
+
+def test_causal_model_output_ignores_later_tokens():
+    from lm.model import Transformer
+
+    with nnx.use_eager_sharding(False):
+        model = Transformer(tiny_model(), rngs=nnx.Rngs(1))
+    tokens = jnp.arange(16, dtype=jnp.int32)[None]
+    base = model(tokens)
+    later = model(tokens.at[0, 10].set(3))
+    np.testing.assert_array_equal(np.asarray(base[:, :10]), np.asarray(later[:, :10]))
+    assert not np.allclose(np.asarray(base[:, 10:]), np.asarray(later[:, 10:]))
+
+
+def test_rope_scores_depend_only_on_relative_position():
+    rng = np.random.default_rng(0)
+    q = jnp.asarray(rng.normal(size=(1, 1, 1, 16)), jnp.float32)
+    k = jnp.asarray(rng.normal(size=(1, 1, 1, 16)), jnp.float32)
+
+    def score(m, n):
+        qm = rope(q, jnp.array([[m]]), 10000.0)
+        kn = rope(k, jnp.array([[n]]), 10000.0)
+        return float(jnp.sum(qm * kn))
+
+    assert score(5, 2) == pytest.approx(score(13, 10), rel=1e-5)
+    assert score(0, 0) == pytest.approx(float(jnp.sum(q * k)), rel=1e-6)
+    assert score(7, 0) != pytest.approx(score(0, 0), rel=1e-3)
+    rotated = rope(q, jnp.array([[123]]), 10000.0)
+    assert float(jnp.linalg.norm(rotated)) == pytest.approx(float(jnp.linalg.norm(q)), rel=1e-6)
+
+
+def test_rope_rotates_channel_pairs_by_position_times_frequency():
+    x = jnp.zeros((1, 1, 1, 4)).at[0, 0, 0, 0].set(1.0)  # unit vector on pair (0, 2)
+    out = rope(x, jnp.array([[3]]), 10000.0)[0, 0, 0]
+    np.testing.assert_allclose(np.asarray(out), [np.cos(3.0), 0.0, np.sin(3.0), 0.0], atol=1e-6)
+
+
+def test_gqa_with_one_kv_head_equals_mha_with_repeated_kv_weights():
+    from lm.model.attention import Attention
+
+    with nnx.use_eager_sharding(False):
+        gqa = Attention(tiny_model(num_kv_heads=1), rngs=nnx.Rngs(0))
+        mha = Attention(tiny_model(num_kv_heads=4), rngs=nnx.Rngs(0))
+    mha.wq[...] = gqa.wq[...]
+    mha.wo[...] = gqa.wo[...]
+    mha.wk[...] = jnp.repeat(gqa.wk[...], 4, axis=1)
+    mha.wv[...] = jnp.repeat(gqa.wv[...], 4, axis=1)
+    x = jax.random.normal(jax.random.key(0), (2, 16, 32))
+    segments = jnp.ones((2, 16), jnp.int32)
+    positions = jnp.broadcast_to(jnp.arange(16), (2, 16))
+    np.testing.assert_allclose(
+        np.asarray(gqa(x, segments, positions)),
+        np.asarray(mha(x, segments, positions)),
+        rtol=1e-5,
+        atol=1e-6,
+    )

@@ -1,0 +1,103 @@
+"""The train step, optimizer and loop: accumulation, decay mask, schedule, divergence."""
+
+import io
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import random_batch, tiny_model
+
+from lm.config import CheckpointConfig, MeshConfig, OptimConfig
+from lm.parallel import batch_sharding, make_mesh
+from lm.train.checkpoint import Checkpointer
+from lm.train.loop import LoopSettings, TrainingDiverged, run_loop
+from lm.train.metrics import MetricsWriter
+from lm.train.objectives import CausalLM, token_losses
+from lm.train.optim import decay_mask, learning_rate, make_optimizer
+from lm.train.state import create_train_state
+from lm.train.step import make_train_step
+
+
+def one_step(grad_accum, mesh_shape=(2, 2, 2)):
+    mesh = make_mesh(MeshConfig(*mesh_shape), jax.devices()[: int(np.prod(mesh_shape))])
+    tx = make_optimizer(OptimConfig(lr=1e-2, warmup_steps=0), 10)
+    with jax.set_mesh(mesh):
+        graphdef, state, shardings = create_train_state(tiny_model(), tx, mesh, 0)
+        step = make_train_step(graphdef, tx, CausalLM(), shardings, grad_accum=grad_accum)
+        state, metrics = step(state, jax.device_put(random_batch(seed=3), batch_sharding(mesh)))
+    return jax.tree.map(np.asarray, state.params), jax.device_get(metrics)
+
+
+def test_gradient_accumulation_equals_one_big_batch():
+    params1, metrics1 = one_step(1)
+    params4, metrics4 = one_step(4)
+    assert metrics4["loss"] == pytest.approx(metrics1["loss"], rel=1e-6)
+    assert metrics4["grad_norm"] == pytest.approx(metrics1["grad_norm"], rel=1e-5)
+    for a, b in zip(jax.tree.leaves(params1), jax.tree.leaves(params4), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_cross_entropy_matches_numpy_and_ignores_zero_weights():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(2, 5, 11)).astype(np.float32)
+    targets = rng.integers(0, 11, (2, 5)).astype(np.int32)
+    nll, _ = token_losses(jnp.asarray(logits), jnp.asarray(targets))
+    log_probs = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    expected = -np.take_along_axis(log_probs, targets[..., None], -1)[..., 0]
+    np.testing.assert_allclose(np.asarray(nll), expected, rtol=1e-5)
+    _, z = token_losses(jnp.asarray(logits), jnp.asarray(targets), z_loss=1e-4)
+    np.testing.assert_allclose(np.asarray(z), 1e-4 * np.log(np.exp(logits).sum(-1)) ** 2, rtol=1e-5)
+
+
+def test_weight_decay_skips_norms_and_embeddings():
+    from flax import nnx
+
+    from lm.model import Transformer
+
+    with nnx.use_eager_sharding(False):
+        params = nnx.state(Transformer(tiny_model(tie_embeddings=False), rngs=nnx.Rngs(0)))
+    mask = {jax.tree_util.keystr(k): v for k, v in jax.tree.leaves_with_path(decay_mask(params))}
+    assert mask["['embed'].value"] is False
+    assert mask["['final_norm']['scale'].value"] is False
+    assert mask["['blocks']['attn_norm']['scale'].value"] is False
+    assert mask["['blocks']['attn']['wq'].value"] is True
+    assert mask["['blocks']['mlp']['w_down'].value"] is True
+    assert mask["['unembed'].value"] is True
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "linear", "constant"])
+def test_schedule_warms_up_then_decays_to_min_ratio(schedule):
+    cfg = OptimConfig(lr=1.0, warmup_steps=10, schedule=schedule, min_lr_ratio=0.1)
+    lr = learning_rate(cfg, 100)
+    assert float(lr(0)) == pytest.approx(0.1)  # first update already moves
+    assert float(lr(9)) == pytest.approx(1.0)
+    end = 1.0 if schedule == "constant" else 0.1
+    assert float(lr(99)) == pytest.approx(end, abs=1e-6)
+
+
+def test_nan_loss_stops_the_run_naming_step_and_last_checkpoint(tmp_path):
+    checkpointer = Checkpointer(tmp_path / "ckpt", CheckpointConfig(every=2, async_save=False))
+    losses = [3.0, 2.0, 1.5, float("nan"), 1.0, 1.0]
+
+    def fake_step(state, batch):
+        return {"w": state["w"] + 1}, {"loss": jnp.float32(losses[batch])}
+
+    settings = LoopSettings(
+        total_steps=6,
+        stop_at=6,
+        log_every=1,
+        eval_every=100,
+        checkpoint_every=2,
+        tokens_per_step=1,
+        flops_per_step=1.0,
+        peak_flops=1.0,
+    )
+    writer = MetricsWriter(tmp_path, 6, stream=io.StringIO())
+    state = {"w": jnp.zeros(())}
+    with pytest.raises(TrainingDiverged) as error:
+        run_loop(state, fake_step, lambda step: step, settings, writer, checkpointer, lambda s: {})
+    message = str(error.value)
+    assert "Loss became nan at step 4" in message
+    assert f"last good checkpoint: step 2 in {checkpointer.directory}" in message
+    assert checkpointer.latest_step() == 2  # the diverged state was never saved
