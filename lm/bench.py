@@ -14,7 +14,7 @@ import jax
 import numpy as np
 
 from lm.config import Config, validate
-from lm.flops import peak_flops_per_device, train_flops_per_token
+from lm.flops import peak_flops, train_flops_per_token
 from lm.parallel import batch_sharding, make_mesh
 from lm.pretrain import check_batch_fits_mesh
 from lm.train.objectives import CausalLM
@@ -41,6 +41,7 @@ def bench(cfg: Config, steps: int = 10, warmup: int = 2) -> dict:
     validate(cfg, jax.device_count())
     mesh = make_mesh(cfg.mesh)
     check_batch_fits_mesh(cfg, mesh)
+    peak = peak_flops(jax.devices())
     tx = make_optimizer(cfg.optim, max(cfg.train.steps, steps + warmup))
     with jax.set_mesh(mesh):
         graphdef, state, shardings = create_train_state(cfg.model, tx, mesh, cfg.train.seed)
@@ -62,7 +63,6 @@ def bench(cfg: Config, steps: int = 10, warmup: int = 2) -> dict:
     tokens = cfg.data.batch_size * cfg.data.seq_len
     median = statistics.median(times)
     flops = train_flops_per_token(cfg.model, cfg.data.seq_len) * tokens
-    peak = peak_flops_per_device() * jax.device_count()
     result = {
         "devices": jax.device_count(),
         "device_kind": jax.devices()[0].device_kind,

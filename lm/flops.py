@@ -47,13 +47,14 @@ def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     return 6.0 * matmul_params(cfg) + 12.0 * cfg.num_layers * seq_len * cfg.d_model
 
 
-def peak_flops_per_device(device: jax.Device | None = None) -> float:
-    """Peak FLOP/s of one device: a datasheet table for accelerators, measured for CPUs."""
-    device = device or jax.devices()[0]
+def peak_flops(devices: list[jax.Device]) -> float:
+    """Peak FLOP/s of `devices` together: datasheet × count for accelerators; for CPUs a measured
+    matmul peak per process, since a process's emulated CPU devices share the same cores."""
+    kind = devices[0].device_kind
     for name, flops in _PEAK_FLOPS.items():
-        if device.device_kind.startswith(name):
-            return flops
-    return measure_matmul_flops(device)
+        if kind.startswith(name):
+            return flops * len(devices)
+    return measure_matmul_flops(devices[0]) * jax.process_count()
 
 
 def measure_matmul_flops(device: jax.Device, n: int = 1024, repeats: int = 5) -> float:

@@ -15,7 +15,7 @@ import yaml
 from lm.config import Config, ConfigError, to_dict, validate
 from lm.data.pipeline import eval_batches, load_pretrain_data, to_global
 from lm.evaluate import evaluate_lm
-from lm.flops import peak_flops_per_device, train_flops_per_token
+from lm.flops import peak_flops, train_flops_per_token
 from lm.generate import sample
 from lm.parallel import batch_sharding, make_mesh
 from lm.train.checkpoint import Checkpointer, abstract_of
@@ -54,6 +54,7 @@ def pretrain(cfg: Config) -> dict[str, float]:
         f"data: {len(data.train.rows):,} train rows, {len(data.validation):,} validation rows "
         f"of {cfg.data.seq_len} tokens ({data.train.rows.padding_fraction:.2%} padding)"
     )
+    peak = peak_flops(jax.devices())
     tx = make_optimizer(cfg.optim, cfg.train.steps)
     checkpointer = Checkpointer(run_dir / "checkpoints", cfg.checkpoint)
     with jax.set_mesh(mesh):
@@ -91,7 +92,7 @@ def pretrain(cfg: Config) -> dict[str, float]:
             checkpoint_every=cfg.checkpoint.every,
             tokens_per_step=tokens_per_step,
             flops_per_step=train_flops_per_token(cfg.model, cfg.data.seq_len) * tokens_per_step,
-            peak_flops=peak_flops_per_device() * jax.device_count(),
+            peak_flops=peak,
         )
         state = run_loop(
             state, train_step, batch_at, settings, writer, checkpointer, meta_at, evaluate, start

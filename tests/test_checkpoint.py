@@ -9,6 +9,7 @@ import pytest
 from conftest import random_batch, tiny_model
 
 from lm.config import CheckpointConfig, MeshConfig, OptimConfig
+from lm.data.tokenizer import load_tokenizer
 from lm.parallel import batch_sharding, make_mesh
 from lm.pretrain import pretrain
 from lm.train.checkpoint import Checkpointer, abstract_of
@@ -50,7 +51,11 @@ def test_save_on_2x2x2_restores_bit_identical_on_other_meshes(tmp_path):
             np.testing.assert_array_equal(a, np.asarray(b))
         assert restored.params["embed"][...].sharding.mesh.shape == mesh2.shape
         _, metrics = run_step(mesh2, step2, restored, seed=2)
-        assert float(metrics["loss"]) == float(expected_metrics["loss"])
+        # Bitwise: the same step from the never-saved state placed on this mesh.
+        _, direct = run_step(mesh2, step2, jax.device_put(saved, shardings2), seed=2)
+        assert float(metrics["loss"]) == float(direct["loss"])
+        # Across meshes only the reduction order differs.
+        assert float(metrics["loss"]) == pytest.approx(float(expected_metrics["loss"]), rel=1e-6)
 
 
 def read_losses(run_dir):
@@ -67,10 +72,10 @@ def test_resumed_run_repeats_the_straight_run_bitwise(tiny_text_config, tmp_path
     pretrain(cfg)
     cfg.train = replace(cfg.train, run_dir=str(resumed_dir), stop_at=3)
     pretrain(cfg)  # "preempted" after step 3, checkpoint at 3
-    # the tokenizer trained into the first run dir is reused by the second: same data
-    assert (resumed_dir / "tokenizer.model").read_bytes() == (
-        straight_dir / "tokenizer.model"
-    ).read_bytes()
+    # each run dir trained its own tokenizer on the same corpus: identical vocabularies
+    tokenizers = [load_tokenizer(d / "tokenizer.model") for d in (straight_dir, resumed_dir)]
+    pieces = [[t._sp.id_to_piece(i) for i in range(t.vocab_size)] for t in tokenizers]
+    assert pieces[0] == pieces[1]
     assert Checkpointer(resumed_dir / "checkpoints", CheckpointConfig()).latest_step() == 3
     cfg.train = replace(cfg.train, stop_at=0)
     pretrain(cfg)
