@@ -10,34 +10,82 @@ from lm.config import ConfigError, load_config
 _USAGE_ERRORS = (ConfigError, FileNotFoundError, ValueError)
 
 
+def _pretrain(args: argparse.Namespace) -> None:
+    from lm.pretrain import pretrain
+
+    pretrain(load_config(args.config, args.overrides))
+
+
+def _bench(args: argparse.Namespace) -> None:
+    from lm.bench import bench
+
+    bench(load_config(args.config, args.overrides), steps=args.steps, warmup=args.warmup)
+
+
+def _tokenizer_train(args: argparse.Namespace) -> None:
+    from lm.data import tokenizer as tok
+
+    if args.input == "shakespeare":
+        from lm.data.shakespeare import shakespeare_documents
+
+        texts = shakespeare_documents("train")
+    else:
+        # Imported here: sources pulls in TFDS, which the other paths do not need.
+        from lm.data.sources import local_text_documents
+
+        texts = local_text_documents(args.input, args.validation_fraction)["train"]
+    trained = tok.train_tokenizer(texts, args.output, args.vocab_size, args.model_type)
+    print(
+        f"{trained.path}: vocab_size={trained.vocab_size} pad={tok.PAD_ID} unk={tok.UNK_ID} "
+        f"bos={tok.BOS_ID} eos={tok.EOS_ID} mask={tok.MASK_ID} sep={tok.SEP_ID} cls={tok.CLS_ID}"
+    )
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lm", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    for name, help_text in [
-        ("pretrain", "pretrain a causal language model (resumes an existing run dir)"),
-        ("bench", "measure train-step tokens/s and MFU on synthetic batches"),
+    for name, run, help_text in [
+        ("pretrain", _pretrain, "pretrain a causal language model (resumes an existing run dir)"),
+        ("bench", _bench, "measure train-step tokens/s and MFU on synthetic batches"),
     ]:
         sub = commands.add_parser(name, help=help_text)
+        sub.set_defaults(run=run)
         sub.add_argument("--config", help="YAML file (see configs/)")
         sub.add_argument("overrides", nargs="*", help="section.key=value, e.g. optim.lr=3e-4")
         if name == "bench":
             sub.add_argument("--steps", type=int, default=10, help="timed steps")
             sub.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+
+    tokenizer = commands.add_parser("tokenizer", help="SentencePiece tokenizers")
+    actions = tokenizer.add_subparsers(dest="action", required=True)
+    train = actions.add_parser("train", help="train a byte-fallback tokenizer on local text")
+    train.set_defaults(run=_tokenizer_train)
+    train.add_argument(
+        "--input", required=True, help="a .txt file, a directory, a glob, or 'shakespeare'"
+    )
+    train.add_argument("--vocab-size", type=int, required=True, help="pieces, reserved included")
+    train.add_argument("--model-type", choices=("bpe", "unigram"), default="bpe")
+    train.add_argument("--output", required=True, help="where to write the .model file")
+    train.add_argument(
+        "--validation-fraction",
+        type=_fraction,
+        default=0.05,
+        help="share of files held out by path hash, not trained on (default 0.05)",
+    )
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        cfg = load_config(args.config, args.overrides)
-        if args.command == "pretrain":
-            from lm.pretrain import pretrain
-
-            pretrain(cfg)
-        else:
-            from lm.bench import bench
-
-            bench(cfg, steps=args.steps, warmup=args.warmup)
+        args.run(args)
     except _USAGE_ERRORS as error:
         print(f"lm {args.command}: error: {error}", file=sys.stderr)
         return 2

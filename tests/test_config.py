@@ -16,7 +16,7 @@ def test_yaml_and_dotted_overrides_set_typed_values():
     cfg = load_config(ROOT / "configs/shakespeare.yaml", ["optim.lr=3e-4", "train.steps=500"])
     assert cfg.optim.lr == 3e-4 and isinstance(cfg.optim.lr, float)
     assert cfg.train.steps == 500
-    assert cfg.model.d_model == 256  # from the YAML file
+    assert cfg.model.d_model == 128  # from the YAML file
     assert from_dict(to_dict(cfg)) == cfg
 
 
@@ -35,7 +35,7 @@ def test_every_shipped_config_loads():
         ),
         (["optim.lr=fast"], "optim.lr must be float, got 'fast' (str)"),
         (["optim.lr=-0.1"], "optim.lr must be positive, got -0.1"),
-        (["model.num_heads=5"], "model.num_heads=5 does not divide model.d_model=256"),
+        (["model.num_heads=5"], "model.num_heads=5 does not divide model.d_model=128"),
         (["model.num_kv_heads=3"], "model.num_kv_heads=3 does not divide model.num_heads=4"),
         (["data.seq_len=512"], "data.seq_len=512 is longer than model.max_seq_len=128"),
         (["model.norm=batchnorm"], "model.norm must be one of ['rmsnorm', 'layernorm']"),

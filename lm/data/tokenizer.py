@@ -30,6 +30,7 @@ class Tokenizer:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self._sp = spm.SentencePieceProcessor(model_file=str(self.path))
+        self._pieces: list[str] | None = None
 
     @property
     def vocab_size(self) -> int:
@@ -47,6 +48,12 @@ class Tokenizer:
     def decode(self, ids: Iterable[int]) -> str:
         """The text of `ids`; pad, bos and eos are dropped."""
         return self._sp.decode([int(i) for i in ids if i not in (PAD_ID, BOS_ID, EOS_ID)])
+
+    def pieces(self) -> list[str]:
+        """Each id's piece text, e.g. '\u2581the' ('\u2581' marks a leading space); read once."""
+        if self._pieces is None:
+            self._pieces = [self._sp.id_to_piece(i) for i in range(self.vocab_size)]
+        return self._pieces
 
     def token_bytes(self) -> np.ndarray:
         """int32 [vocab_size]: UTF-8 bytes each piece adds to decoded text (for bits-per-byte)."""

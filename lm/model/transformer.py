@@ -176,8 +176,12 @@ class Transformer(nnx.Module):
             return nnx.merge(graphdef, params)(x, segment_ids_BxL, positions_BxL, causal, key)
 
         if cfg.remat != "none":
+            # CSE prevention is only unnecessary inside scan, whose loop boundary blocks it.
             run_block = jax.checkpoint(
-                run_block, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=False, static_argnums=0
+                run_block,
+                policy=_REMAT_POLICIES[cfg.remat],
+                prevent_cse=not cfg.scan_layers,
+                static_argnums=0,
             )
         if cfg.scan_layers:
             graphdef, stacked = nnx.split(self.blocks)
