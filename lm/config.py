@@ -69,11 +69,17 @@ class MeshConfig:
 class DataConfig:
     """Where text comes from and how it becomes batches."""
 
-    source: str = "shakespeare"  # 'shakespeare' (demo corpus) or a path / glob of .txt files
+    # 'shakespeare' (demo corpus), a path / glob of .txt files, or tfds:NAME (e.g. tfds:lm1b)
+    source: str = "shakespeare"
+    text_key: str = ""  # feature holding the text of a tfds: source ("" = 'text' or the only one)
     data_dir: str = "~/.cache/lm/datasets"  # where TFDS builds of local sources are cached
     tokenizer: str = ""  # an existing SentencePiece .model; empty = train one into the run dir
     tokenizer_type: str = "bpe"  # bpe | unigram (only used when training a tokenizer)
     seq_len: int = 256
+    packing: str = (
+        "pack"  # pack (concatenate documents) | truncate | window (strided, per document)
+    )
+    stride: int = 0  # window mode: tokens between window starts; 0 = seq_len (no overlap)
     batch_size: int = 32  # global batch, in sequences
     seed: int = 0
     validation_fraction: float = 0.05  # for local text sources (Shakespeare holds out fixed plays)
@@ -141,6 +147,7 @@ _CHOICES = {
     "model.remat": ("none", "full", "dots", "dots_no_batch"),
     "model.attention": ("xla", "cudnn", "math"),
     "data.tokenizer_type": ("bpe", "unigram"),
+    "data.packing": ("pack", "truncate", "window"),
     "optim.schedule": ("cosine", "linear", "constant"),
 }
 
@@ -271,6 +278,7 @@ def validate(cfg: Config, device_count: int | None = None) -> None:
         "model.num_kv_heads": m.num_kv_heads,
         "train.sample_tokens": t.sample_tokens,
         "train.stop_at": t.stop_at,
+        "data.stride": d.stride,
     }.items():
         if value < 0:
             raise ConfigError(f"{key} must not be negative, got {value}.")
@@ -298,6 +306,11 @@ def validate(cfg: Config, device_count: int | None = None) -> None:
         raise ConfigError(
             f"data.seq_len={d.seq_len} is longer than model.max_seq_len={m.max_seq_len}; "
             "shorten data.seq_len or raise model.max_seq_len."
+        )
+    if d.stride > d.seq_len:
+        raise ConfigError(
+            f"data.stride={d.stride} is longer than data.seq_len={d.seq_len}, so windows would "
+            "skip tokens; use a stride from 1 to data.seq_len (0 = data.seq_len)."
         )
     if d.batch_size % o.grad_accum:
         raise ConfigError(

@@ -50,10 +50,13 @@ def pretrain(cfg: Config) -> dict[str, float]:
         (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
     writer = MetricsWriter(run_dir, cfg.train.steps)
-    writer.print(
-        f"data: {len(data.train.rows):,} train rows, {len(data.validation):,} validation rows "
-        f"of {cfg.data.seq_len} tokens ({data.train.rows.padding_fraction:.2%} padding)"
-    )
+    for split, stats in (("train", data.train_stats), ("validation", data.validation_stats)):
+        writer.print(
+            f"{split}: {stats.documents:,} documents → {stats.rows:,} rows of {cfg.data.seq_len} "
+            f"tokens ({cfg.data.packing}; {stats.padding_fraction:.2%} padding, "
+            f"{stats.truncated_documents:,} documents truncated, {stats.dropped_tokens:,} tokens "
+            "dropped)"
+        )
     peak = peak_flops(jax.devices())
     tx = make_optimizer(cfg.optim, cfg.train.steps)
     checkpointer = Checkpointer(run_dir / "checkpoints", cfg.checkpoint)

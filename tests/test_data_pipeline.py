@@ -1,4 +1,5 @@
-"""Packing keeps every token once, masks cross-document targets, and batches are step-indexed."""
+"""Packing keeps every token once, masks cross-document targets, and batches are step-indexed;
+truncation and strided windows score what they promise and report what they drop."""
 
 from collections import Counter
 
@@ -7,16 +8,20 @@ import numpy as np
 import pytest
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
-from lm.config import DataConfig
+from lm.config import ConfigError, DataConfig, load_config
 from lm.data.pipeline import (
     PackedRows,
+    RowStats,
     StepBatches,
     eval_batches,
     load_pretrain_data,
     make_batch,
     pack_documents,
+    rows_for,
     to_global,
     tokenize_documents,
+    truncate_documents,
+    window_documents,
 )
 from lm.data.tokenizer import BOS_ID, PAD_ID, train_tokenizer
 
@@ -182,3 +187,135 @@ def test_tokenize_documents_prepends_bos(tmp_path):
     docs = tokenize_documents(tok, ["hello", "there world"])
     assert [d[0] for d in docs] == [BOS_ID, BOS_ID] and all(d.dtype == np.int32 for d in docs)
     assert tok.decode(docs[1]) == "there world"
+
+
+def _numbered_docs(lengths):
+    """Documents whose token j of document d is 1000 * d + j, so targets name themselves."""
+    return [np.array([BOS_ID, *range(1000 * d + 1, 1000 * d + n)]) for d, n in enumerate(lengths)]
+
+
+def _scored(rows):
+    """(target token, left-context length, inputs) of every target that carries loss."""
+    batch = make_batch(rows, np.arange(len(rows)))
+    r, c = np.nonzero(batch["weights"])
+    assert set(np.unique(batch["weights"])) <= {0.0, 1.0}
+    return batch["targets"][r, c], batch["positions"][r, c] + 1, batch["inputs"], r, c
+
+
+def test_window_with_stride_seq_len_scores_the_non_overlapping_chunks():
+    seq_len = 8
+    docs = _numbered_docs([1, 2, 8, 9, 10, 17, 30])
+    rows = window_documents(docs, seq_len, seq_len)
+    # Chunking each document on its own is packing it alone: rows overlap by one token.
+    chunks = [pack_documents([d], seq_len) for d in docs]
+    np.testing.assert_array_equal(rows.tokens, np.concatenate([c.tokens for c in chunks]))
+    chunk_weights = np.concatenate([make_batch(c, np.arange(len(c)))["weights"] for c in chunks])
+    np.testing.assert_array_equal(make_batch(rows, np.arange(len(rows)))["weights"], chunk_weights)
+
+
+@pytest.mark.parametrize("stride", [1, 3, 4, 8])
+def test_window_scores_every_token_after_bos_once_with_left_context(stride):
+    seq_len = 8
+    lengths = [1, 2, 5, 9, 10, 13, 31]
+    docs = _numbered_docs(lengths)
+    rows = window_documents(docs, seq_len, stride)
+    assert (rows.doc_ids.max(axis=1) == rows.doc_ids[:, 0]).all()  # one document per row
+    targets, context, inputs, r, c = _scored(rows)
+    doc, index = np.divmod(targets, 1000)
+    for d, n in enumerate(lengths):
+        assert sorted(index[doc == d].tolist()) == list(range(1, n))  # BOS never, others once
+    # Each target sees min(index, seq_len + 1 - stride) or more tokens of its own document.
+    assert (context >= np.minimum(index, seq_len + 1 - stride)).all() and (context <= seq_len).all()
+    for row, col, d, j, k in zip(r, c, doc, index, context, strict=True):
+        np.testing.assert_array_equal(inputs[row, col + 1 - k : col + 1], docs[d][j - k : j])
+
+
+@pytest.mark.parametrize("stride", [1, 3, 8])
+def test_window_of_a_short_document_is_one_row_scored_with_full_context(stride):
+    docs = _numbered_docs([6, 9])  # both fit in one window of seq_len + 1 = 9 tokens
+    rows = window_documents(docs, 8, stride)
+    assert len(rows) == 2
+    full = make_batch(pack_documents(docs[:1], 8), np.array([0]))
+    batch = make_batch(rows, np.array([0]))
+    for key, value in full.items():
+        np.testing.assert_array_equal(batch[key], value)
+    assert make_batch(rows, np.array([1]))["weights"].tolist() == [[1] * 8]
+
+
+def test_window_rejects_strides_outside_one_to_seq_len():
+    with pytest.raises(ValueError, match=r"stride must be in \[1, seq_len=8\], got 9"):
+        window_documents(_numbered_docs([5]), 8, 9)
+
+
+def test_truncate_keeps_each_documents_first_tokens_and_counts_what_it_drops():
+    docs = _numbered_docs([1, 3, 9, 10, 20])
+    rows, stats = rows_for(docs, 8, "truncate")
+    assert rows.tokens.tolist() == [
+        [BOS_ID, 1001, 1002] + [PAD_ID] * 6,
+        [BOS_ID, *range(2001, 2009)],
+        [BOS_ID, *range(3001, 3009)],
+        [BOS_ID, *range(4001, 4009)],
+    ]  # the lone BOS of document 0 has no target and gives no row
+    assert rows.doc_ids[:, 0].tolist() == [2, 3, 4, 5] and rows.scored is None
+    assert make_batch(rows, np.arange(4))["weights"].sum() == 2 + 8 * 3
+    assert stats == RowStats(
+        documents=5,
+        rows=4,
+        padding_fraction=6 / 32,
+        scored_fraction=26 / 32,
+        truncated_documents=2,
+        dropped_tokens=1 + 11,
+    )
+    np.testing.assert_array_equal(truncate_documents(docs, 8).tokens, rows.tokens)
+
+
+def test_rows_for_dispatches_and_reports_each_mode():
+    docs = _random_docs(20, seed=2)
+    packed, stats = rows_for(docs, 16, "pack")
+    np.testing.assert_array_equal(packed.tokens, pack_documents(docs, 16).tokens)
+    assert stats.truncated_documents == stats.dropped_tokens == 0 and stats.documents == 20
+    assert stats.padding_fraction == packed.padding_fraction and stats.rows == len(packed)
+    windows, stats = rows_for(docs, 16, "window")  # stride 0 means seq_len
+    np.testing.assert_array_equal(windows.scored, window_documents(docs, 16, 16).scored)
+    assert stats.scored_fraction * 16 * len(windows) == sum(len(d) - 1 for d in docs)
+    assert stats.dropped_tokens == 0
+    assert len(rows_for([], 16, "window")[0]) == len(rows_for([], 16, "truncate")[0]) == 0
+    with pytest.raises(ValueError, match=r"packing must be 'pack', 'truncate' or 'window', got"):
+        rows_for(docs, 16, "slide")
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("data.packing=slide", "data.packing must be one of ['pack', 'truncate', 'window'], got"),
+        ("data.stride=-1", "data.stride must not be negative, got -1."),
+        ("data.stride=300", "data.stride=300 is longer than data.seq_len=256, so windows would"),
+    ],
+)
+def test_packing_and_stride_config_errors(override, message):
+    with pytest.raises(ConfigError) as error:
+        load_config(None, [override])
+    assert message in str(error.value)
+
+
+def test_load_pretrain_data_windows_both_splits_and_reports_stats(tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(5):
+        (corpus / f"{i}.txt").write_text(" ".join(["alpha beta gamma delta"] * 60) + "\n")
+    config = DataConfig(
+        source=str(corpus),
+        data_dir=str(tmp_path / "data"),
+        seq_len=32,
+        batch_size=2,
+        validation_fraction=0.2,
+        packing="window",
+        stride=8,
+    )
+    data = load_pretrain_data(config, tmp_path / "run", vocab_size=280)
+    for rows, stats in (
+        (data.train.rows, data.train_stats),
+        (data.validation, data.validation_stats),
+    ):
+        assert rows.scored is not None and stats.rows == len(rows) > 0
+        assert stats.scored_fraction < 0.5  # windows 8 tokens apart score about 8 of 32 targets

@@ -57,10 +57,11 @@ class _TextBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
 
 class TextSplit(Sequence[str]):
-    """Random-access documents of one split, decoded from an array_record data source."""
+    """Random-access documents of one split: feature `key` of a data source, as str."""
 
-    def __init__(self, source: Sequence[dict]):
+    def __init__(self, source: Sequence[dict], key: str = "text"):
         self._source = source
+        self._key = key
 
     def __len__(self) -> int:
         return len(self._source)
@@ -74,7 +75,7 @@ class TextSplit(Sequence[str]):
             return [self[i] for i in range(*index.indices(len(self)))]
         if not -len(self) <= index < len(self):
             raise IndexError(f"document {index} out of range for a split of {len(self)}")
-        text = self._source[index % len(self)]["text"]
+        text = self._source[index % len(self)][self._key]
         return text.decode() if isinstance(text, bytes) else text
 
 
@@ -173,9 +174,20 @@ def local_text_documents(pattern: str, validation_fraction: float) -> dict[str, 
 
 
 def load_documents(
-    source: str, data_dir: str | Path, validation_fraction: float
+    source: str, data_dir: str | Path, validation_fraction: float, text_key: str | None = None
 ) -> dict[str, Sequence[str]]:
-    """Documents of `source` ('shakespeare' or local text files) per split, built via TFDS."""
+    """Documents of `source` per split: 'shakespeare', 'tfds:NAME' or local text files.
+
+    'tfds:NAME' (e.g. 'tfds:lm1b', 'tfds:glue/sst2') reads a dataset already prepared under
+    `data_dir`: feature `text_key` (None: its default text feature) of its 'train' split, and
+    of 'validation', or 'test' when it has no validation split (see `tfds_documents`).
+    """
+    if source.startswith("tfds:"):
+        # Imported here: tfds_named reads its splits through TextSplit, defined above.
+        from lm.data.tfds_named import tfds_documents
+
+        name = source.removeprefix("tfds:")
+        return tfds_documents(name, str(Path(data_dir).expanduser()), text_key)
     if source == "shakespeare":
         documents = {split: shakespeare_documents(split) for split in SPLITS}
         return build_text_dataset(documents, data_dir, "shakespeare")

@@ -1,0 +1,172 @@
+"""Named TFDS datasets read without TensorFlow: mocked ones, a real tiny build, and every error."""
+
+import json
+
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from lm.data import sources
+from lm.data.sources import load_documents
+from lm.data.tfds_named import tfds_records, tfds_texts
+
+
+class LmTinyLabelled(tfds.core.GeneratorBasedBuilder):
+    """A registered dataset with 'train' and 'test' splits only, prepared offline in tests."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    code_path = None  # no code folder to look up metadata in
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        features = {"text": tfds.features.Text(), "label": tfds.features.ClassLabel(num_classes=2)}
+        return tfds.core.DatasetInfo(
+            builder=self, features=tfds.features.FeaturesDict(features), disable_shuffling=True
+        )
+
+    def _split_generators(self, dl_manager):
+        del dl_manager
+        return {"train": self._generate_examples(4), "test": self._generate_examples(2)}
+
+    def _generate_examples(self, count: int):
+        for i in range(count):
+            yield i, {"text": f"doc {i} ünïcödé", "label": i % 2}
+
+
+def _prepare_tiny(data_dir) -> str:
+    builder = tfds.builder("lm_tiny_labelled", data_dir=str(data_dir), file_format="array_record")
+    with sources._quiet_tfds():
+        builder.download_and_prepare(
+            download_config=tfds.download.DownloadConfig(try_download_gcs=False)
+        )
+    return str(builder.data_dir)
+
+
+def _is_text(value) -> bool:
+    return isinstance(value, str | bytes)
+
+
+MOCKED = [
+    ("lm1b", {"text": _is_text}),
+    ("imdb_reviews", {"text": _is_text, "label": lambda v: np.issubdtype(v.dtype, np.integer)}),
+    ("glue/sst2", {"sentence": _is_text, "label": lambda v: np.issubdtype(v.dtype, np.integer)}),
+    ("glue/stsb", {"sentence1": _is_text, "label": lambda v: np.issubdtype(v.dtype, np.floating)}),
+    (
+        "conll2003",
+        {
+            "tokens": lambda v: v.ndim == 1 and all(_is_text(t) for t in v.tolist()),
+            "ner": lambda v: v.ndim == 1 and np.issubdtype(v.dtype, np.integer),
+        },
+    ),
+]
+
+
+@pytest.mark.parametrize(("name", "checks"), MOCKED, ids=[n for n, _ in MOCKED])
+def test_mocked_records_carry_the_expected_features(tmp_path, name, checks):
+    with tfds.testing.mock_data(num_examples=3):
+        records = tfds_records(name, "train[:95%]", str(tmp_path))
+        assert len(records) == 3
+        for key, check in checks.items():
+            assert check(records[1][key]), (key, records[1][key])
+
+
+@pytest.mark.parametrize(("name", "key"), [("lm1b", "text"), ("glue/sst2", "sentence")])
+def test_mocked_texts_are_strings(tmp_path, name, key):
+    with tfds.testing.mock_data(num_examples=3):
+        texts = tfds_texts(name, "validation", str(tmp_path), key)
+        assert len(texts) == 3 and all(isinstance(t, str) for t in texts)
+
+
+def test_tfds_source_through_load_documents(tmp_path):
+    with tfds.testing.mock_data(num_examples=4):
+        splits = load_documents("tfds:lm1b", str(tmp_path), 0.05)
+        assert set(splits) == {"train", "validation"}
+        for docs in splits.values():
+            assert len(docs) == 4 and all(isinstance(d, str) for d in docs)
+
+
+def test_default_text_key_is_the_only_text_feature(tmp_path):
+    with tfds.testing.mock_data(num_examples=2):
+        splits = load_documents("tfds:glue/sst2", str(tmp_path), 0.05)
+        assert all(isinstance(d, str) for d in splits["train"])
+        with pytest.raises(ValueError) as error:
+            load_documents("tfds:glue/stsb", str(tmp_path), 0.05)
+    assert str(error.value) == (
+        "TFDS dataset 'glue/stsb' has 2 text features, so one must be chosen; "
+        "available: idx, label, sentence1, sentence2. Set data.text_key=..."
+    )
+
+
+def test_prepared_array_record_reads_back_without_tensorflow(tmp_path):
+    _prepare_tiny(tmp_path)
+    texts = tfds_texts("lm_tiny_labelled", "train[:50%]", str(tmp_path))
+    assert list(texts) == ["doc 0 ünïcödé", "doc 1 ünïcödé"]
+    records = tfds_records("lm_tiny_labelled", "train", str(tmp_path))
+    assert [int(r["label"]) for r in records] == [0, 1, 0, 1]
+
+
+def test_validation_falls_back_to_the_test_split(tmp_path):
+    _prepare_tiny(tmp_path)
+    splits = load_documents("tfds:lm_tiny_labelled", str(tmp_path), 0.05)
+    assert list(splits["train"]) == [f"doc {i} ünïcödé" for i in range(4)]
+    assert list(splits["validation"]) == [f"doc {i} ünïcödé" for i in range(2)]
+
+
+def test_unknown_name_suggests_the_closest(tmp_path):
+    with pytest.raises(ValueError) as error:
+        tfds_records("lm1bb", "train", str(tmp_path))
+    assert str(error.value) == "Unknown TFDS dataset 'lm1bb'; did you mean 'lm1b'?"
+    # glue registers only once imported, yet is still suggested.
+    with pytest.raises(ValueError) as error:
+        tfds_records("gleu/sst2", "train", str(tmp_path))
+    assert str(error.value) == "Unknown TFDS dataset 'gleu'; did you mean 'glue'?"
+
+
+def test_unknown_config_suggests_the_closest(tmp_path):
+    with pytest.raises(ValueError) as error:
+        tfds_texts("glue/sst3", "train", str(tmp_path))
+    assert str(error.value) == "TFDS dataset 'glue' has no config 'sst3'; did you mean 'glue/sst2'?"
+
+
+def test_wrong_feature_key_lists_the_available_keys(tmp_path):
+    with tfds.testing.mock_data(num_examples=1):
+        with pytest.raises(ValueError) as missing:
+            tfds_texts("imdb_reviews", "train", str(tmp_path), text_key="txt")
+        with pytest.raises(ValueError) as not_text:
+            tfds_texts("imdb_reviews", "train", str(tmp_path), text_key="label")
+    assert str(missing.value) == (
+        "Feature 'txt' is not in imdb_reviews; available: label, text. Set data.text_key=..."
+    )
+    assert str(not_text.value) == (
+        "Feature 'label' of imdb_reviews is ClassLabel, not text; text features: text. "
+        "Set data.text_key=..."
+    )
+
+
+def test_unprepared_dataset_names_the_dir_and_how_to_build_it(tmp_path):
+    with pytest.raises(FileNotFoundError) as error:
+        load_documents("tfds:lm1b", str(tmp_path), 0.05)
+    assert str(error.value) == (
+        f"TFDS dataset 'lm1b' is not prepared in {tmp_path}/lm1b/1.1.0 and downloads are off; "
+        f"on a machine with network run `tfds build lm1b --data_dir {tmp_path} "
+        '--file_format array_record` (or python -c "import tensorflow_datasets as tfds; '
+        f"tfds.builder('lm1b', data_dir='{tmp_path}', file_format='array_record')"
+        f'.download_and_prepare()") and copy {tmp_path} here.'
+    )
+
+
+def test_tfrecord_only_build_asks_for_the_tf_extra(tmp_path):
+    version_dir = _prepare_tiny(tmp_path)
+    # Relabel the build as tfrecord: writing real tfrecords would need TensorFlow.
+    info_path = f"{version_dir}/dataset_info.json"
+    with open(info_path) as f:
+        info = json.load(f)
+    info["fileFormat"] = "tfrecord"
+    with open(info_path, "w") as f:
+        json.dump(info, f)
+    with pytest.raises(ValueError) as error:
+        tfds_texts("lm_tiny_labelled", "train", str(tmp_path))
+    assert str(error.value) == (
+        f"TFDS dataset 'lm_tiny_labelled' in {version_dir} is prepared as tfrecord only, which "
+        "needs TensorFlow: install the optional extra (pip install 'lm[tf]') or re-prepare it "
+        "with file_format='array_record'."
+    )
