@@ -72,6 +72,7 @@ class DataConfig:
     # 'shakespeare' (demo corpus), a path / glob of .txt files, or tfds:NAME (e.g. tfds:lm1b)
     source: str = "shakespeare"
     text_key: str = ""  # feature holding the text of a tfds: source ("" = 'text' or the only one)
+    text_unit: str = "file"  # local .txt files: one document per file | line | paragraph
     data_dir: str = "~/.cache/lm/datasets"  # where TFDS builds of local sources are cached
     tokenizer: str = ""  # an existing SentencePiece .model; empty = train one into the run dir
     tokenizer_type: str = "bpe"  # bpe | unigram (only used when training a tokenizer)
@@ -147,6 +148,7 @@ _CHOICES = {
     "model.remat": ("none", "full", "dots", "dots_no_batch"),
     "model.attention": ("xla", "cudnn", "math"),
     "data.tokenizer_type": ("bpe", "unigram"),
+    "data.text_unit": ("file", "line", "paragraph"),
     "data.packing": ("pack", "truncate", "window"),
     "optim.schedule": ("cosine", "linear", "constant"),
 }

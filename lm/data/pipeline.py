@@ -273,7 +273,7 @@ def _tokenizer_for(
 def load_pretrain_data(data: DataConfig, run_dir: str | Path, vocab_size: int) -> PretrainData:
     """Documents -> tokenizer (given, reused from `run_dir`, or trained there) -> rows per split."""
     documents = load_documents(
-        data.source, data.data_dir, data.validation_fraction, data.text_key or None
+        data.source, data.data_dir, data.validation_fraction, data.text_key or None, data.text_unit
     )
     tokenizer = _tokenizer_for(data, Path(run_dir), documents["train"], vocab_size)
     (train, train_stats), (validation, validation_stats) = (

@@ -10,6 +10,7 @@ import contextlib
 import glob
 import hashlib
 import logging
+import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import overload
@@ -20,6 +21,7 @@ from tensorflow_datasets.core.utils import tqdm_utils
 from lm.data.shakespeare import shakespeare_documents
 
 SPLITS = ("train", "validation")
+logger = logging.getLogger(__name__)
 
 
 class _TextBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
@@ -135,48 +137,106 @@ def _txt_files(pattern: str) -> list[Path]:
     return sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
 
 
-def _in_validation(path: Path, fraction: float) -> bool:
-    # A hash of the path, not a random draw: the same file always lands in the same split.
-    digest = hashlib.sha256(str(path).encode()).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64 < fraction
+def _hash_fraction(key: str) -> float:
+    """A stable number in [0, 1) for `key`: a hash, not a random draw, so splits never drift."""
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") / 2**64
 
 
-def local_text_documents(pattern: str, validation_fraction: float) -> dict[str, list[str]]:
-    """UTF-8 `.txt` files from a file, directory or glob, one document per file, split by path."""
+def hold_out(keys: Sequence[str], fraction: float) -> list[bool]:
+    """Which items go to validation: those whose key hashes below `fraction`.
+
+    With two or more items and a positive fraction, at least one is held out and at least one
+    kept for training; fraction 0 holds out nothing (e.g. training a tokenizer on everything).
+    """
+    held = [_hash_fraction(key) < fraction for key in keys]
+    if fraction > 0 and not any(held) and len(keys) >= 2:  # something to evaluate on
+        held[min(range(len(keys)), key=lambda i: _hash_fraction(keys[i]))] = True
+    if held and all(held):  # and always keep something to train on
+        held[0] = False
+    return held
+
+
+def read_utf8(path: Path) -> str:
+    """The text of `path`, or one sentence naming the file and the first bad byte."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(
+            f"{path} is not valid UTF-8 (byte offset {e.start}); re-encode it as UTF-8."
+        ) from None
+
+
+UNITS = ("file", "line", "paragraph")
+# One or more blank (whitespace-only) lines end a paragraph.
+_PARAGRAPH_BREAK = re.compile(r"\r?\n(?:[ \t\f\v]*\r?\n)+")
+
+
+def split_units(text: str, unit: str) -> tuple[list[str], int]:
+    """`text` cut into documents by `unit`, and how many empty (whitespace-only) units were skipped.
+
+    'file' keeps the text whole; 'line' drops line endings; 'paragraph' splits at blank lines.
+    """
+    if unit == "file":
+        pieces = [text]
+    elif unit == "line":
+        pieces = text.split("\n")
+        if text.endswith("\n"):
+            pieces.pop()  # a final newline ends the last line; it does not start an empty one
+        pieces = [line.removesuffix("\r") for line in pieces]
+    elif unit == "paragraph":
+        pieces = [p.rstrip("\r\n") for p in _PARAGRAPH_BREAK.split(text)]
+    else:
+        raise ValueError(f"Unknown unit '{unit}'; choose one of {', '.join(UNITS)}.")
+    kept = [p for p in pieces if p.strip()]
+    return kept, len(pieces) - len(kept)
+
+
+def local_text_documents(
+    pattern: str, validation_fraction: float, unit: str = "file"
+) -> dict[str, list[str]]:
+    """UTF-8 `.txt` files from a file, directory or glob, split into documents by `unit`.
+
+    Whole files go to one split, by a hash of their path. Empty units are skipped and their
+    count logged as a warning.
+    """
+    if unit not in UNITS:
+        raise ValueError(f"Unknown unit '{unit}'; choose one of {', '.join(UNITS)}.")
     files = _txt_files(pattern)
     if not files:
         raise FileNotFoundError(
             f"No text files match data.source='{pattern}'; pass a .txt file, a directory of "
             ".txt files or a glob such as 'corpus/*.txt'."
         )
-    texts: dict[Path, str] = {}
+    units: dict[Path, list[str]] = {}
+    skipped = 0
     for path in files:
-        data = path.read_bytes()
-        try:
-            text = data.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise ValueError(
-                f"{path} is not valid UTF-8 (byte offset {e.start}); re-encode it as UTF-8."
-            ) from None
-        if text.strip():
-            texts[path] = text
-    if not texts:
+        kept, empty = split_units(read_utf8(path), unit)
+        skipped += empty
+        if kept:
+            units[path] = kept
+    if skipped:
+        logger.warning("Skipped %d empty %s(s) in data.source='%s'.", skipped, unit, pattern)
+    if not units:
         raise ValueError(f"The files matching data.source='{pattern}' hold no text.")
-    validation = [p for p in texts if _in_validation(p, validation_fraction)]
-    if not validation and len(texts) >= 2:  # always hold something out to evaluate on
-        validation = [min(texts, key=lambda p: hashlib.sha256(str(p).encode()).digest())]
-    if len(validation) == len(texts):  # and always keep something to train on
-        validation = validation[1:]
+    paths = list(units)
+    held = hold_out([str(p) for p in paths], validation_fraction)
     return {
-        "train": [texts[p] for p in texts if p not in validation],
-        "validation": [texts[p] for p in validation],
+        "train": [doc for p, h in zip(paths, held, strict=True) if not h for doc in units[p]],
+        "validation": [doc for p, h in zip(paths, held, strict=True) if h for doc in units[p]],
     }
 
 
 def load_documents(
-    source: str, data_dir: str | Path, validation_fraction: float, text_key: str | None = None
+    source: str,
+    data_dir: str | Path,
+    validation_fraction: float,
+    text_key: str | None = None,
+    unit: str = "file",
 ) -> dict[str, Sequence[str]]:
     """Documents of `source` per split: 'shakespeare', 'tfds:NAME' or local text files.
+
+    Local text files become one document per `unit` ('file', 'line' or 'paragraph').
 
     'tfds:NAME' (e.g. 'tfds:lm1b', 'tfds:glue/sst2') reads a dataset already prepared under
     `data_dir`: feature `text_key` (None: its default text feature) of its 'train' split, and
@@ -191,5 +251,5 @@ def load_documents(
     if source == "shakespeare":
         documents = {split: shakespeare_documents(split) for split in SPLITS}
         return build_text_dataset(documents, data_dir, "shakespeare")
-    documents = local_text_documents(source, validation_fraction)
+    documents = local_text_documents(source, validation_fraction, unit)
     return build_text_dataset(documents, data_dir, "local")

@@ -1,0 +1,149 @@
+"""Structured local records (JSON Lines and CSV) as cached TFDS builds, read back as dicts.
+
+Each record is stored as its canonical JSON (sorted keys, no spaces) in the `text` feature of the
+local-text builder, so any columns work and the same content is prepared only once.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import io
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, overload
+
+from lm.data.sources import build_text_dataset, hold_out, read_utf8
+
+EXTENSIONS = (".jsonl", ".csv")
+
+
+def canonical_json(record: dict[str, Any]) -> str:
+    """One spelling per record: sorted keys, no spaces, non-ASCII kept as is."""
+    return json.dumps(record, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+
+
+def _record_files(pattern: str) -> list[Path]:
+    path = Path(pattern).expanduser()
+    if path.is_dir():
+        return sorted(p for p in path.rglob("*") if p.suffix in EXTENSIONS and p.is_file())
+    if path.is_file():
+        files = [path]
+    else:
+        files = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
+    for file in files:
+        if file.suffix not in EXTENSIONS:
+            raise ValueError(f"{file} is neither a .jsonl nor a .csv file.")
+    return files
+
+
+def _jsonl_records(path: Path, text: str) -> list[dict[str, Any]]:
+    records = []
+    # Split at "\n" only: splitlines() would also cut at U+2028, which JSON strings may hold.
+    for number, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():  # blank lines (a trailing one especially) separate nothing
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} line {number} is not valid JSON ({e.msg}).") from None
+        if not isinstance(record, dict):
+            kind = type(record).__name__
+            raise ValueError(f"{path} line {number} is a JSON {kind}, not an object.")
+        records.append(record)
+    return records
+
+
+def _csv_records(path: Path, text: str) -> list[dict[str, str]]:
+    # newline="": the csv module handles line endings itself, also inside quoted fields.
+    reader = csv.reader(io.StringIO(text, newline=""))
+    header: list[str] | None = None
+    records = []
+    line = 1  # where the next row starts; a quoted field may span several lines
+    for row in reader:
+        start, line = line, reader.line_num + 1
+        if not row:  # blank line
+            continue
+        if header is None:
+            header = row
+            if len(set(header)) != len(header):
+                raise ValueError(f"{path} has a repeated column name in its header.")
+        elif len(row) != len(header):
+            raise ValueError(
+                f"{path} line {start} has {len(row)} fields but the header has {len(header)}."
+            )
+        else:
+            records.append(dict(zip(header, row, strict=True)))
+    return records
+
+
+def local_records(pattern: str, validation_fraction: float) -> dict[str, list[dict[str, Any]]]:
+    """Records of `.jsonl` and `.csv` files from a file, directory (recursive) or glob, per split.
+
+    JSONL: one JSON object per line. CSV: a header row, then string values. A record goes to
+    validation by a hash of its canonical JSON, so the split does not depend on which file holds
+    it or in what order; within a split records keep file order.
+    """
+    files = _record_files(pattern)
+    if not files:
+        raise FileNotFoundError(
+            f"No .jsonl or .csv files match '{pattern}'; pass a file, a directory of them or a "
+            "glob such as 'records/*.jsonl'."
+        )
+    records: list[dict[str, Any]] = []
+    for path in files:
+        text = read_utf8(path).removeprefix("\ufeff")  # spreadsheet exports often start with a BOM
+        parse = _jsonl_records if path.suffix == ".jsonl" else _csv_records
+        records.extend(parse(path, text))
+    if not records:
+        raise ValueError(f"The files matching '{pattern}' hold no records.")
+    held = hold_out([canonical_json(r) for r in records], validation_fraction)
+    return {
+        "train": [r for r, h in zip(records, held, strict=True) if not h],
+        "validation": [r for r, h in zip(records, held, strict=True) if h],
+    }
+
+
+def require_columns(records: Sequence[dict[str, Any]], columns: Sequence[str], source: str) -> None:
+    """Stop with one sentence unless every record has every one of `columns`."""
+    if not records:
+        return
+    available = ", ".join(sorted(records[0]))
+    for column in columns:
+        if column not in records[0]:
+            raise ValueError(f"Column '{column}' is not in {source}; available: {available}.")
+    for index, record in enumerate(records):
+        for column in columns:
+            if column not in record:
+                raise ValueError(f"Record {index} of {source} has no column '{column}'.")
+
+
+class RecordSplit(Sequence[dict[str, Any]]):
+    """Random-access records of one split, decoded from their stored JSON on each access."""
+
+    def __init__(self, texts: Sequence[str]):
+        self._texts = texts
+
+    def __len__(self) -> int:
+        return len(self._texts)
+
+    @overload
+    def __getitem__(self, index: int) -> dict[str, Any]: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[dict[str, Any]]: ...
+    def __getitem__(self, index: int | slice) -> dict[str, Any] | list[dict[str, Any]]:
+        if isinstance(index, slice):
+            return [json.loads(text) for text in self._texts[index]]
+        return json.loads(self._texts[index])
+
+
+def build_records_dataset(
+    records_by_split: dict[str, list[dict[str, Any]]], data_dir: str | Path, name: str
+) -> dict[str, Sequence[dict[str, Any]]]:
+    """Prepare (or reuse) a TFDS build of the records under `data_dir`; split -> records."""
+    documents = {
+        split: [canonical_json(r) for r in recs] for split, recs in records_by_split.items()
+    }
+    texts = build_text_dataset(documents, data_dir, name)
+    return {split: RecordSplit(split_texts) for split, split_texts in texts.items()}
