@@ -170,3 +170,17 @@ def test_tfrecord_only_build_asks_for_the_tf_extra(tmp_path):
         "needs TensorFlow: install the optional extra (pip install 'lm[tf]') or re-prepare it "
         "with file_format='array_record'."
     )
+
+
+def test_tfds_source_keeps_a_gcs_data_dir_intact(monkeypatch):
+    import lm.data.tfds_named as tfds_named
+    from lm.data.sources import load_documents
+
+    seen = {}
+    monkeypatch.setattr(
+        tfds_named, "tfds_documents", lambda name, data_dir, key: seen.update(dir=data_dir) or {}
+    )
+    load_documents("tfds:lm1b", "gs://bucket/tfds", 0.05)
+    assert seen["dir"] == "gs://bucket/tfds"
+    load_documents("tfds:lm1b", "~/tfds", 0.05)
+    assert not seen["dir"].startswith("~")

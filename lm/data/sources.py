@@ -247,7 +247,11 @@ def load_documents(
         from lm.data.tfds_named import tfds_documents
 
         name = source.removeprefix("tfds:")
-        return tfds_documents(name, str(Path(data_dir).expanduser()), text_key)
+        # Keep URLs (gs://...) intact: Path() would collapse their double slash.
+        local = "://" not in str(data_dir)
+        return tfds_documents(
+            name, str(Path(data_dir).expanduser()) if local else str(data_dir), text_key
+        )
     if source == "shakespeare":
         documents = {split: shakespeare_documents(split) for split in SPLITS}
         return build_text_dataset(documents, data_dir, "shakespeare")
