@@ -34,7 +34,7 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def save(self, step: int, state: Any, meta: dict, force: bool = False) -> bool:
+    def save(self, step: int, state: Any, meta: dict) -> bool:
         """Start saving (async); returns False if this step was already saved."""
         if step in self.manager.all_steps():
             return False
@@ -43,7 +43,6 @@ class Checkpointer:
             args=ocp.args.Composite(
                 state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)
             ),
-            force=force,
         )
 
     def restore(self, step: int, abstract_state: Any, shardings: Any) -> tuple[Any, dict]:
@@ -56,11 +55,6 @@ class Checkpointer:
             ),
         )
         return restored["state"], restored["meta"]
-
-    def restore_meta(self, step: int) -> dict:
-        return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))[
-            "meta"
-        ]
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
