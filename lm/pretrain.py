@@ -18,12 +18,12 @@ from lm.evaluate import evaluate_lm
 from lm.flops import peak_flops, train_flops_per_token
 from lm.generate import sample
 from lm.parallel import batch_sharding, make_mesh
-from lm.train.checkpoint import Checkpointer, abstract_of
+from lm.train.checkpoint import Checkpointer
 from lm.train.loop import LoopSettings, run_loop
 from lm.train.metrics import MetricsWriter
 from lm.train.objectives import CausalLM
 from lm.train.optim import make_optimizer
-from lm.train.state import create_train_state
+from lm.train.state import plan_train_state
 from lm.train.step import make_eval_step, make_train_step
 
 
@@ -61,11 +61,13 @@ def pretrain(cfg: Config) -> dict[str, float]:
     tx = make_optimizer(cfg.optim, cfg.train.steps)
     checkpointer = Checkpointer(run_dir / "checkpoints", cfg.checkpoint)
     with jax.set_mesh(mesh):
-        graphdef, state, shardings = create_train_state(cfg.model, tx, mesh, cfg.train.seed)
+        graphdef, abstract, shardings, init = plan_train_state(cfg.model, tx, mesh, cfg.train.seed)
         start = checkpointer.latest_step() or 0
         if start:
-            state, _ = checkpointer.restore(start, abstract_of(state), shardings)
+            state, _ = checkpointer.restore(start, abstract, shardings)
             writer.print(f"resumed from step {start} ({checkpointer.directory})")
+        else:
+            state = init()
 
         objective = CausalLM(z_loss=cfg.train.z_loss)
         dropout_seed = cfg.train.seed + 1 if cfg.model.dropout > 0 else None

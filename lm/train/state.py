@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import flax
@@ -28,13 +29,15 @@ def _is_variable(x: Any) -> bool:
     return isinstance(x, nnx.Variable)
 
 
-def create_train_state(
+def plan_train_state(
     cfg: ModelConfig, tx: optax.GradientTransformation, mesh: Mesh, seed: int
-) -> tuple[nnx.GraphDef, TrainState, TrainState]:
-    """(graphdef, state, shardings): eval_shape → partition specs → jit(init, out_shardings).
+) -> tuple[nnx.GraphDef, TrainState, TrainState, Callable[[], TrainState]]:
+    """(graphdef, abstract state, shardings, jitted init): shapes and layout, nothing computed.
 
-    No parameter is ever materialised whole on one device; optimizer moments are sharded
-    exactly like the parameters they track.
+    Calling the init builds the state already sharded (eval_shape → partition specs →
+    jit(init, out_shardings)): no parameter is ever materialised whole on one device, and
+    optimizer moments are sharded exactly like the parameters they track. A resumed run
+    restores onto the abstract state instead and never calls it.
     """
 
     def init() -> TrainState:
@@ -46,8 +49,15 @@ def create_train_state(
         graphdef, _ = abstract_split(lambda: Transformer(cfg, rngs=nnx.Rngs(seed)))
         abstract = jax.eval_shape(init)
     shardings = train_state_shardings(abstract, tx, mesh)
-    state = jax.jit(init, out_shardings=shardings)()
-    return graphdef, state, shardings
+    return graphdef, abstract, shardings, jax.jit(init, out_shardings=shardings)
+
+
+def create_train_state(
+    cfg: ModelConfig, tx: optax.GradientTransformation, mesh: Mesh, seed: int
+) -> tuple[nnx.GraphDef, TrainState, TrainState]:
+    """(graphdef, freshly initialised sharded state, shardings); see `plan_train_state`."""
+    graphdef, _, shardings, init = plan_train_state(cfg, tx, mesh, seed)
+    return graphdef, init(), shardings
 
 
 def train_state_shardings(abstract: TrainState, tx: optax.GradientTransformation, mesh: Mesh):
