@@ -17,6 +17,7 @@ from lm.config import Config, validate
 from lm.flops import peak_flops, train_flops_per_token
 from lm.parallel import batch_sharding, make_mesh
 from lm.pretrain import check_batch_fits_mesh
+from lm.runs import build_model
 from lm.train.objectives import CausalLM
 from lm.train.optim import make_optimizer
 from lm.train.state import create_train_state
@@ -44,7 +45,9 @@ def bench(cfg: Config, steps: int = 10, warmup: int = 2) -> dict:
     peak = peak_flops(jax.devices())
     tx = make_optimizer(cfg.optim, max(cfg.train.steps, steps + warmup))
     with jax.set_mesh(mesh):
-        graphdef, state, shardings = create_train_state(cfg.model, tx, mesh, cfg.train.seed)
+        graphdef, state, shardings = create_train_state(
+            lambda rngs: build_model(cfg, rngs), tx, mesh, cfg.train.seed
+        )
         step = make_train_step(
             graphdef, tx, CausalLM(cfg.train.z_loss), shardings, cfg.optim.grad_accum
         )

@@ -1,4 +1,4 @@
-"""`lm pretrain`: train a causal language model from scratch, or resume a run.
+"""`lm pretrain`: train a causal (or masked) language model from scratch, or resume a run.
 
 Reads top to bottom: config → mesh → data → sharded state (or the newest checkpoint) →
 the shared loop → final evaluation and a sample.
@@ -7,21 +7,24 @@ the shared loop → final evaluation and a sample.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import jax
 import yaml
+from etils import epath
 
 from lm.config import Config, ConfigError, to_dict, validate
+from lm.data.mlm import MaskedStepBatches, masked_eval_batches, masking_for
 from lm.data.pipeline import eval_batches, load_pretrain_data, to_global
+from lm.distributed import initialize, process_zero_first
 from lm.evaluate import evaluate_lm
 from lm.flops import peak_flops, train_flops_per_token
 from lm.generate import sample
 from lm.parallel import batch_sharding, make_mesh
+from lm.runs import build_model
 from lm.train.checkpoint import Checkpointer
 from lm.train.loop import LoopSettings, run_loop
 from lm.train.metrics import MetricsWriter
-from lm.train.objectives import CausalLM
+from lm.train.objectives import CausalLM, MaskedLMObjective
 from lm.train.optim import make_optimizer
 from lm.train.state import plan_train_state
 from lm.train.step import make_eval_step, make_train_step
@@ -39,13 +42,27 @@ def check_batch_fits_mesh(cfg: Config, mesh: jax.sharding.Mesh) -> None:
         )
 
 
+def check_objective_fits_model(cfg: Config) -> None:
+    """Next-token prediction needs the causal mask: an encoder would see the targets."""
+    if cfg.train.objective == "clm" and not cfg.model.causal:
+        raise ConfigError(
+            "train.objective=clm needs a causal model, but model.causal is false (a bidirectional "
+            "encoder sees the tokens it predicts); set model.causal=true or train.objective=mlm."
+        )
+
+
 def pretrain(cfg: Config) -> dict[str, float]:
     """Run (or resume) pretraining as `cfg` says; returns the final validation metrics."""
+    initialize()  # joins a multi-host run when the environment asks for one; before any device use
     validate(cfg, jax.device_count())
-    run_dir = Path(cfg.train.run_dir)
+    check_objective_fits_model(cfg)
+    run_dir = epath.Path(cfg.train.run_dir)  # local or gs://
     mesh = make_mesh(cfg.mesh)
     check_batch_fits_mesh(cfg, mesh)
-    data = load_pretrain_data(cfg.data, run_dir, cfg.model.vocab_size)
+    # Process 0 trains the run's tokenizer (if it needs one) before the others read it.
+    data = process_zero_first(
+        "pretrain_data", lambda: load_pretrain_data(cfg.data, run_dir, cfg.model.vocab_size)
+    )
     if jax.process_index() == 0:
         (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
@@ -61,7 +78,9 @@ def pretrain(cfg: Config) -> dict[str, float]:
     tx = make_optimizer(cfg.optim, cfg.train.steps)
     checkpointer = Checkpointer(run_dir / "checkpoints", cfg.checkpoint)
     with jax.set_mesh(mesh):
-        graphdef, abstract, shardings, init = plan_train_state(cfg.model, tx, mesh, cfg.train.seed)
+        graphdef, abstract, shardings, init = plan_train_state(
+            lambda rngs: build_model(cfg, rngs), tx, mesh, cfg.train.seed
+        )
         start = checkpointer.latest_step() or 0
         if start:
             state, _ = checkpointer.restore(start, abstract, shardings)
@@ -69,7 +88,10 @@ def pretrain(cfg: Config) -> dict[str, float]:
         else:
             state = init()
 
-        objective = CausalLM(z_loss=cfg.train.z_loss)
+        mlm = cfg.train.objective == "mlm"
+        objective = (MaskedLMObjective if mlm else CausalLM)(z_loss=cfg.train.z_loss)
+        masking = masking_for(cfg.data, cfg.model.vocab_size, data.tokenizer)
+        train_batches = MaskedStepBatches(data.train, masking) if mlm else data.train
         dropout_seed = cfg.train.seed + 1 if cfg.model.dropout > 0 else None
         train_step = make_train_step(
             graphdef, tx, objective, shardings, cfg.optim.grad_accum, dropout_seed
@@ -78,9 +100,14 @@ def pretrain(cfg: Config) -> dict[str, float]:
         rows_sharding = batch_sharding(mesh)
 
         def batch_at(step: int):
-            return to_global(data.train.local_batch(step), rows_sharding)
+            return to_global(train_batches.local_batch(step), rows_sharding)
 
         def evaluate(current, max_batches: int = cfg.train.eval_batches) -> dict[str, float]:
+            if mlm:  # bits-per-byte of masked tokens alone would mean nothing
+                batches = masked_eval_batches(
+                    data.validation, cfg.data.batch_size, masking, max_batches
+                )
+                return evaluate_lm(eval_step, current.params, batches, None, rows_sharding)
             batches = eval_batches(data.validation, cfg.data.batch_size, max_batches)
             return evaluate_lm(eval_step, current.params, batches, data.token_bytes, rows_sharding)
 
@@ -104,11 +131,17 @@ def pretrain(cfg: Config) -> dict[str, float]:
         )
         final = evaluate(state, max_batches=0)  # the whole validation split
         checkpointer.close()
-        writer.print(
-            f"validation: loss {final['loss']:.4f} nats/token, "
-            f"perplexity {final['perplexity']:.2f}, bits-per-byte {final['bits_per_byte']:.4f}"
-        )
-        if cfg.train.sample_tokens:
+        if mlm:
+            writer.print(
+                f"validation: masked-token loss {final['loss']:.4f} nats/token, "
+                f"perplexity {final['perplexity']:.2f}, accuracy {final['accuracy']:.2%}"
+            )
+        else:
+            writer.print(
+                f"validation: loss {final['loss']:.4f} nats/token, "
+                f"perplexity {final['perplexity']:.2f}, bits-per-byte {final['bits_per_byte']:.4f}"
+            )
+        if cfg.train.sample_tokens and not mlm:  # an encoder does not generate text
             text = sample(
                 graphdef,
                 state.params,

@@ -10,6 +10,7 @@ from conftest import random_batch, tiny_model
 
 from lm.config import CheckpointConfig, MeshConfig, OptimConfig
 from lm.data.tokenizer import load_tokenizer
+from lm.model import Transformer
 from lm.parallel import batch_sharding, make_mesh
 from lm.pretrain import pretrain
 from lm.train.checkpoint import Checkpointer, abstract_of
@@ -23,7 +24,9 @@ def setup(mesh_shape, seed=0):
     mesh = make_mesh(MeshConfig(*mesh_shape), jax.devices()[: int(np.prod(mesh_shape))])
     tx = make_optimizer(OptimConfig(), 10)
     with jax.set_mesh(mesh):
-        graphdef, state, shardings = create_train_state(tiny_model(), tx, mesh, seed)
+        graphdef, state, shardings = create_train_state(
+            lambda rngs: Transformer(tiny_model(), rngs=rngs), tx, mesh, seed
+        )
     step = make_train_step(graphdef, tx, CausalLM(), shardings)
     return mesh, state, shardings, step
 

@@ -8,6 +8,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from lm.config import MeshConfig, OptimConfig
+from lm.model import Transformer
 from lm.parallel import batch_sharding, logical_to_spec, make_mesh
 from lm.train.objectives import CausalLM
 from lm.train.optim import make_optimizer
@@ -24,7 +25,9 @@ def loss_and_grads(mesh_shape, cfg):
     tx = make_optimizer(OptimConfig(), 10)
     batch = random_batch()
     with jax.set_mesh(mesh):
-        graphdef, state, shardings = create_train_state(cfg, tx, mesh, seed=0)
+        graphdef, state, shardings = create_train_state(
+            lambda rngs: Transformer(cfg, rngs=rngs), tx, mesh, seed=0
+        )
         objective = CausalLM()
 
         @jax.jit

@@ -9,6 +9,7 @@ import pytest
 from conftest import random_batch, tiny_model
 
 from lm.config import CheckpointConfig, MeshConfig, OptimConfig
+from lm.model import Transformer
 from lm.parallel import batch_sharding, make_mesh
 from lm.train.checkpoint import Checkpointer
 from lm.train.loop import LoopSettings, TrainingDiverged, run_loop
@@ -25,7 +26,9 @@ def one_step(grad_accum, mesh_shape=(2, 2, 2)):
     # near zero turn float-rounding differences into whole learning-rate steps.
     tx = make_optimizer(OptimConfig(lr=1e-2, warmup_steps=0, eps=1e-3), 10)
     with jax.set_mesh(mesh):
-        graphdef, state, shardings = create_train_state(tiny_model(), tx, mesh, 0)
+        graphdef, state, shardings = create_train_state(
+            lambda rngs: Transformer(tiny_model(), rngs=rngs), tx, mesh, 0
+        )
         step = make_train_step(graphdef, tx, CausalLM(), shardings, grad_accum=grad_accum)
         state, metrics = step(state, jax.device_put(random_batch(seed=3), batch_sharding(mesh)))
     return jax.tree.map(np.asarray, state.params), jax.device_get(metrics)
@@ -54,8 +57,6 @@ def test_cross_entropy_matches_numpy_and_ignores_zero_weights():
 
 def test_weight_decay_skips_norms_and_embeddings():
     from flax import nnx
-
-    from lm.model import Transformer
 
     with nnx.use_eager_sharding(False):
         params = nnx.state(Transformer(tiny_model(tie_embeddings=False), rngs=nnx.Rngs(0)))

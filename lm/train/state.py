@@ -12,8 +12,6 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
-from lm.config import ModelConfig
-from lm.model import Transformer
 from lm.model.transformer import abstract_split
 from lm.parallel import replicated, state_shardings
 
@@ -29,10 +27,13 @@ def _is_variable(x: Any) -> bool:
     return isinstance(x, nnx.Variable)
 
 
+MakeModel = Callable[[nnx.Rngs], nnx.Module]
+
+
 def plan_train_state(
-    cfg: ModelConfig, tx: optax.GradientTransformation, mesh: Mesh, seed: int
+    make_model: MakeModel, tx: optax.GradientTransformation, mesh: Mesh, seed: int
 ) -> tuple[nnx.GraphDef, TrainState, TrainState, Callable[[], TrainState]]:
-    """(graphdef, abstract state, shardings, jitted init): shapes and layout, nothing computed.
+    """(graphdef, abstract state, shardings, jitted init) of `make_model(rngs)`; nothing computed.
 
     Calling the init builds the state already sharded (eval_shape → partition specs →
     jit(init, out_shardings)): no parameter is ever materialised whole on one device, and
@@ -42,21 +43,21 @@ def plan_train_state(
 
     def init() -> TrainState:
         with nnx.use_eager_sharding(False):
-            params = nnx.state(Transformer(cfg, rngs=nnx.Rngs(seed)))
+            params = nnx.state(make_model(nnx.Rngs(seed)))
         return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
 
     with nnx.use_eager_sharding(False):
-        graphdef, _ = abstract_split(lambda: Transformer(cfg, rngs=nnx.Rngs(seed)))
+        graphdef, _ = abstract_split(lambda: make_model(nnx.Rngs(seed)))
         abstract = jax.eval_shape(init)
     shardings = train_state_shardings(abstract, tx, mesh)
     return graphdef, abstract, shardings, jax.jit(init, out_shardings=shardings)
 
 
 def create_train_state(
-    cfg: ModelConfig, tx: optax.GradientTransformation, mesh: Mesh, seed: int
+    make_model: MakeModel, tx: optax.GradientTransformation, mesh: Mesh, seed: int
 ) -> tuple[nnx.GraphDef, TrainState, TrainState]:
     """(graphdef, freshly initialised sharded state, shardings); see `plan_train_state`."""
-    graphdef, _, shardings, init = plan_train_state(cfg, tx, mesh, seed)
+    graphdef, _, shardings, init = plan_train_state(make_model, tx, mesh, seed)
     return graphdef, init(), shardings
 
 

@@ -1,0 +1,117 @@
+"""Run directories: which model a config trains, and loading a run's parameters onto a mesh.
+
+A run directory holds `config.yaml`, optionally `tokenizer.model`, and Orbax checkpoints under
+`checkpoints/<step>/` (items "state" = TrainState and "meta" = JSON). Inference, evaluation,
+fine-tuning and conversion read only the parameters: optimizer state is never loaded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import orbax.checkpoint as ocp
+import yaml
+from flax import nnx
+from jax.sharding import Mesh
+
+from lm.config import CheckpointConfig, Config, MeshConfig, from_dict, to_dict
+from lm.data.tokenizer import Tokenizer, load_tokenizer
+from lm.model import Transformer
+from lm.model.heads import MaskedLM
+from lm.model.transformer import abstract_split
+from lm.parallel import make_mesh, state_shardings
+from lm.train.checkpoint import Checkpointer
+from lm.train.state import TrainState, abstract_with_shardings
+
+
+def build_model(cfg: Config, rngs: nnx.Rngs) -> nnx.Module:
+    """The module that `cfg` trains: the causal-LM Transformer by default."""
+    if cfg.train.objective == "mlm":
+        return MaskedLM(cfg.model, rngs=rngs)
+    return Transformer(cfg.model, rngs=rngs)
+
+
+@dataclass
+class LoadedRun:
+    """A run's config, tokenizer and parameters (sharded on `mesh`) at checkpoint `step`."""
+
+    config: Config
+    tokenizer: Tokenizer | None
+    graphdef: nnx.GraphDef
+    params: nnx.State
+    step: int
+    mesh: Mesh
+
+    @property
+    def model(self) -> nnx.Module:
+        return nnx.merge(self.graphdef, self.params)
+
+
+def read_run_config(run_dir: str | Path) -> Config:
+    """The validated config a run was written with."""
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{run_dir} is not a run directory (no config.yaml); pass the run_dir of an "
+            "`lm pretrain`, `lm finetune` or `lm convert from-hf` run."
+        )
+    return from_dict(yaml.safe_load(path.read_text()) or {})
+
+
+def load_run(
+    run_dir: str | Path, *, step: int | None = None, mesh: Mesh | None = None
+) -> LoadedRun:
+    """Params of checkpoint `step` (default: the newest) of `run_dir`, sharded on `mesh`.
+
+    The default mesh puts every device on the data axis (parameters replicated), which suits
+    inference; pass an FSDP/tensor mesh for models that do not fit one device.
+    """
+    cfg = read_run_config(run_dir)
+    directory = Path(run_dir) / "checkpoints"
+    manager = ocp.CheckpointManager(directory.absolute(), item_names=("state", "meta"))
+    steps = manager.all_steps()
+    if not steps:
+        raise FileNotFoundError(f"{directory} holds no checkpoint; train the run first.")
+    step = max(steps) if step is None else step
+    if step not in steps:
+        raise FileNotFoundError(
+            f"{directory} has no checkpoint at step {step}; it has steps {sorted(steps)}."
+        )
+    mesh = mesh or make_mesh(MeshConfig(data=-1))
+    with nnx.use_eager_sharding(False):
+        graphdef, abstract = abstract_split(lambda: build_model(cfg, nnx.Rngs(0)))
+    target = {"params": abstract_with_shardings(abstract, state_shardings(abstract, mesh))}
+    restore_args = ocp.checkpoint_utils.construct_restore_args(target)
+    restored = manager.restore(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.PyTreeRestore(target, restore_args, partial_restore=True)
+        ),
+    )
+    manager.close()
+    params = restored["state"]["params"]
+    return LoadedRun(cfg, _run_tokenizer(run_dir, cfg), graphdef, params, step, mesh)
+
+
+def _run_tokenizer(run_dir: str | Path, cfg: Config) -> Tokenizer | None:
+    own = Path(run_dir) / "tokenizer.model"
+    if own.is_file():
+        return load_tokenizer(own)
+    return load_tokenizer(cfg.data.tokenizer) if cfg.data.tokenizer else None
+
+
+def write_params_run(
+    run_dir: str | Path, cfg: Config, params: nnx.State, meta: dict | None = None
+) -> None:
+    """Write `config.yaml` and a params-only checkpoint at step 0 (e.g. imported weights)."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if jax.process_index() == 0:
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    checkpointer = Checkpointer(run_dir / "checkpoints", CheckpointConfig(async_save=False))
+    state = TrainState(jnp.zeros((), jnp.int32), params, {})
+    checkpointer.save(0, state, {"step": 0, "config": to_dict(cfg), **(meta or {})})
+    checkpointer.close()
