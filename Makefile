@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test test-fast lint bench
+.PHONY: demo test test-slow lint bench
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,11 +17,12 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/lm pretrain --config configs/shakespeare.yaml
 
+# The default suite (< 15 min on 2 CPU cores); `test-slow` adds the heavier end-to-end checks.
 test: $(STAMP)
-	$(BIN)/pytest -q
-
-test-fast: $(STAMP)
 	$(BIN)/pytest -q -m "not slow"
+
+test-slow: $(STAMP)
+	$(BIN)/pytest -q -m slow
 
 lint: $(STAMP)
 	$(BIN)/ruff check lm tests benchmarks
