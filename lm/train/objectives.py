@@ -52,3 +52,100 @@ class CausalLM:
             correct_BxL = logits_BxLxV.argmax(-1) == batch["targets"]
             metrics["correct_sum"] = jnp.sum(correct_BxL * w_BxL)
         return jnp.sum((nll_BxL + z_BxL) * w_BxL), metrics
+
+
+@dataclass(frozen=True)
+class MaskedLMObjective(CausalLM):
+    """Masked-token prediction (BERT) for an encoder: the same weighted cross-entropy, other rows.
+
+    MLM batches (`lm.data.mlm`) hold the corrupted tokens as `inputs`, the original tokens at
+    the same positions (no shift) as `targets`, and `weights` = 1 exactly at the positions
+    chosen for prediction, so loss and accuracy count masked tokens only.
+    """
+
+
+def class_losses(logits_NxC: jax.Array, labels_N: jax.Array, smoothing: float = 0.0):
+    """(cross-entropy, label-smoothed cross-entropy), both float32 with the labels' shape.
+
+    Smoothing spreads `smoothing` of the target mass evenly over all classes (Szegedy et al.);
+    the plain cross-entropy is what gets reported, the smoothed one what gets trained.
+    """
+    log_probs_NxC = jax.nn.log_softmax(logits_NxC.astype(jnp.float32), axis=-1)
+    nll_N = -jnp.take_along_axis(log_probs_NxC, labels_N[..., None], axis=-1)[..., 0]
+    if not smoothing:
+        return nll_N, nll_N
+    return nll_N, (1.0 - smoothing) * nll_N - smoothing * log_probs_NxC.mean(-1)
+
+
+def _class_weight(class_weights: tuple[float, ...], labels: jax.Array) -> jax.Array | float:
+    return jnp.asarray(class_weights, jnp.float32)[labels] if class_weights else 1.0
+
+
+def _task_outputs(model, batch: Batch, dropout_key: jax.Array | None) -> jax.Array:
+    return model(batch["inputs"], batch["segment_ids"], batch["positions"], dropout_key=dropout_key)
+
+
+@dataclass(frozen=True)
+class SequenceClassification:
+    """One label per row (`label` int [B]); `example_weights` [B] is 0 on padding rows.
+
+    `class_weights` (one per class) scale each row's loss and count, so the mean is a
+    class-weighted mean as in PyTorch's `CrossEntropyLoss(weight=...)`.
+    """
+
+    class_weights: tuple[float, ...] = ()
+    label_smoothing: float = 0.0
+
+    def loss(self, model, batch: Batch, dropout_key=None, evaluating: bool = False):
+        """(summed training loss, sums); `evaluating` adds `predictions` [B]."""
+        logits_BxC = _task_outputs(model, batch, dropout_key)
+        w_B = batch["example_weights"] * _class_weight(self.class_weights, batch["label"])
+        nll_B, loss_B = class_losses(logits_BxC, batch["label"], self.label_smoothing)
+        metrics = {"nll_sum": jnp.sum(nll_B * w_B), "weight_sum": jnp.sum(w_B)}
+        if evaluating:
+            metrics["predictions"] = logits_BxC.argmax(-1)
+        return jnp.sum(loss_B * w_B), metrics
+
+
+@dataclass(frozen=True)
+class Regression:
+    """Mean squared error on `target` float [B, T]; `example_weights` [B] is 0 on padding rows.
+
+    With `mean`/`std` (one per target) the model learns standardised targets, (y - mean) / std,
+    and `predictions` are mapped back to the original units.
+    """
+
+    mean: tuple[float, ...] = ()
+    std: tuple[float, ...] = ()
+
+    def loss(self, model, batch: Batch, dropout_key=None, evaluating: bool = False):
+        """(summed squared error, sums over the B·T values); `evaluating` adds `predictions`."""
+        out_BxT = _task_outputs(model, batch, dropout_key)
+        mean_T = jnp.asarray(self.mean or 0.0, jnp.float32)
+        std_T = jnp.asarray(self.std or 1.0, jnp.float32)
+        err_BxT = out_BxT - (batch["target"] - mean_T) / std_T
+        w_Bx1 = batch["example_weights"][:, None]
+        squared = jnp.sum(jnp.square(err_BxT) * w_Bx1)
+        metrics = {"nll_sum": squared, "weight_sum": jnp.sum(w_Bx1) * out_BxT.shape[-1]}
+        if evaluating:
+            metrics["predictions"] = out_BxT * std_T + mean_T
+        return squared, metrics
+
+
+@dataclass(frozen=True)
+class TokenClassification:
+    """One tag per scored position (`tags` int [B, L], `tag_weights` 0 where unscored)."""
+
+    class_weights: tuple[float, ...] = ()
+    label_smoothing: float = 0.0
+
+    def loss(self, model, batch: Batch, dropout_key=None, evaluating: bool = False):
+        """(summed training loss, sums over scored positions); `evaluating` adds `predictions`."""
+        logits_BxLxC = _task_outputs(model, batch, dropout_key)
+        tags_BxL = jnp.maximum(batch["tags"], 0)  # ignored positions carry -1 and weight 0
+        w_BxL = batch["tag_weights"] * _class_weight(self.class_weights, tags_BxL)
+        nll_BxL, loss_BxL = class_losses(logits_BxLxC, tags_BxL, self.label_smoothing)
+        metrics = {"nll_sum": jnp.sum(nll_BxL * w_BxL), "weight_sum": jnp.sum(w_BxL)}
+        if evaluating:
+            metrics["predictions"] = logits_BxLxC.argmax(-1)
+        return jnp.sum(loss_BxL * w_BxL), metrics

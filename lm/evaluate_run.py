@@ -1,0 +1,171 @@
+"""`lm evaluate`: score a trained run on a data split and write a JSON report into the run.
+
+Causal models: cross-entropy, perplexity and bits-per-byte, with long documents packed,
+truncated to their first `seq_len` tokens, or covered by sliding windows every `stride` tokens
+(each token scored once, with up to `seq_len - stride` tokens of left context). Masked LMs:
+masked-token loss and accuracy under a fixed masking seed, and optionally pseudo-perplexity
+(each token masked in turn). Reads top to bottom: config → mesh → params → rows → metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import jax
+from tqdm import tqdm
+
+from lm.config import Config, ConfigError, load_config, to_dict, validate
+from lm.data.mlm import masked_eval_batches, masking_for, pseudo_perplexity_batches
+from lm.data.pipeline import eval_batches, rows_for, tokenize_documents
+from lm.data.sources import load_documents
+from lm.evaluate import evaluate_lm
+from lm.parallel import batch_sharding, make_mesh
+from lm.runs import load_run, read_run_config
+from lm.train.objectives import CausalLM, MaskedLMObjective
+from lm.train.step import make_eval_step
+
+
+def evaluation_config(
+    run_dir: str | Path, config_path: str | Path | None = None, overrides: Sequence[str] = ()
+) -> Config:
+    """The run's config (or `config_path`) with `overrides`; the model must stay the run's."""
+    trained = read_run_config(run_dir)
+    cfg = load_config(config_path or Path(run_dir) / "config.yaml", overrides)
+    if cfg.model != trained.model or cfg.train.objective != trained.train.objective:
+        raise ConfigError(
+            f"lm evaluate scores the model stored in {run_dir}, so model.* and train.objective "
+            "must match the run's; drop those overrides (or use the run's own config.yaml)."
+        )
+    return cfg
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "-", Path(text).name or text).strip("-")
+
+
+def _report_path(run_dir: Path, cfg: Config, split: str, step: int) -> Path:
+    d = cfg.data
+    layout = f"window{d.stride or d.seq_len}" if d.packing == "window" else d.packing
+    name = f"{_slug(d.source)}-{split}-{layout}-L{d.seq_len}-step{step}.json"
+    return run_dir / "eval" / name
+
+
+def _progress(batches: Iterable, total: int, label: str) -> Iterable:
+    hidden = jax.process_index() != 0 or not sys.stderr.isatty()
+    return tqdm(batches, total=total, desc=label, unit="batch", disable=hidden, leave=False)
+
+
+def evaluate_run(
+    run_dir: str | Path,
+    cfg: Config,
+    *,
+    step: int | None = None,
+    split: str = "validation",
+    max_batches: int = 0,
+    pseudo_perplexity: bool = False,
+    mesh: jax.sharding.Mesh | None = None,
+    output: str | Path | None = None,
+) -> dict:
+    """Evaluate checkpoint `step` (default newest) of `run_dir` on `split` of `cfg.data`.
+
+    Returns the report, also written as JSON to `output` (default `RUN/eval/<name>.json`).
+    `max_batches` > 0 stops early (a quick estimate). `mesh` defaults to `cfg.mesh`.
+    """
+    started = time.perf_counter()
+    run_dir = Path(run_dir)
+    validate(cfg, None if mesh is not None else jax.device_count())
+    mesh = mesh or make_mesh(cfg.mesh)
+    mlm = cfg.train.objective == "mlm"
+    if pseudo_perplexity and not mlm:
+        raise ConfigError(
+            "Pseudo-perplexity is for masked-LM runs; a causal run reports perplexity directly, "
+            "so drop --pseudo-perplexity."
+        )
+    run = load_run(run_dir, step=step, mesh=mesh)
+    if run.tokenizer is None:
+        raise FileNotFoundError(
+            f"{run_dir} has no tokenizer.model and its config names none; set data.tokenizer="
+            "PATH to the SentencePiece model the run was trained with."
+        )
+    d = cfg.data
+    documents = load_documents(
+        d.source, d.data_dir, d.validation_fraction, d.text_key or None, d.text_unit
+    )
+    if split not in documents:
+        raise ValueError(
+            f"Data source {d.source} has no '{split}' split; choose one of {sorted(documents)}."
+        )
+    rows, stats = rows_for(
+        tokenize_documents(run.tokenizer, documents[split]), d.seq_len, d.packing, d.stride
+    )
+    # Rows split evenly over the batch-sharded devices; padding rows fill the last batch.
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    batch_size = -(-d.batch_size // shards) * shards
+    count = -(-len(rows) // batch_size)
+    count = min(count, max_batches) if max_batches else count
+    sharding = batch_sharding(mesh)
+    token_bytes = run.tokenizer.token_bytes()
+
+    with jax.set_mesh(mesh):
+        eval_step = make_eval_step(run.graphdef, MaskedLMObjective() if mlm else CausalLM())
+
+        def score(batches: Iterable, total: int, label: str, bytes_V) -> dict[str, float]:
+            batches = _progress(batches, total, label)
+            return evaluate_lm(eval_step, run.params, batches, bytes_V, sharding)
+
+        if mlm:
+            masking = masking_for(d, cfg.model.vocab_size, run.tokenizer)
+            batches = masked_eval_batches(rows, batch_size, masking, max_batches)
+            metrics = score(batches, count, "masked", None)  # a sample of tokens: no bytes
+            if pseudo_perplexity:
+                total, batches = pseudo_perplexity_batches(rows, batch_size, max_batches)
+                pseudo = score(batches, total, "pseudo-perplexity", token_bytes)
+                metrics |= {f"pseudo_{k}": v for k, v in pseudo.items()}
+        else:
+            batches = eval_batches(rows, batch_size, max_batches)
+            metrics = score(batches, count, "evaluate", token_bytes)
+
+    report = {
+        "run_dir": str(run_dir),
+        "step": run.step,
+        "objective": cfg.train.objective,
+        "source": d.source,
+        "split": split,
+        "seq_len": d.seq_len,
+        "packing": d.packing,
+        "stride": (d.stride or d.seq_len) if d.packing == "window" else None,
+        "documents": stats.documents,
+        "rows": stats.rows,
+        "batches": count,
+        "mesh": dict(mesh.shape),
+        "metrics": metrics,
+        "seconds": time.perf_counter() - started,
+        "data": to_dict(cfg)["data"],
+    }
+    path = Path(output) if output else _report_path(run_dir, cfg, split, run.step)
+    if jax.process_index() == 0:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(report, indent=2))
+    report["path"] = str(path)
+    return report
+
+
+def format_report(report: dict) -> str:
+    """A short table of the report's metrics, headed by what was evaluated."""
+    stride = f", stride {report['stride']}" if report["stride"] else ""
+    lines = [
+        f"{report['run_dir']} @ step {report['step']} on {report['source']} {report['split']}: "
+        f"{report['documents']:,} documents → {report['rows']:,} rows "
+        f"({report['packing']}, seq_len {report['seq_len']}{stride})",
+        f"{'metric':<26}{'value':>14}",
+    ]
+    for key, value in report["metrics"].items():
+        shown = f"{value:,.0f}" if key.endswith("tokens") else f"{value:.4f}"
+        lines.append(f"{key:<26}{shown:>14}")
+    lines.append(f"report: {report['path']} ({report['seconds']:.1f} s)")
+    return "\n".join(lines)
