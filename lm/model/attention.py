@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from lm.config import ModelConfig
@@ -18,10 +19,36 @@ from lm.parallel import constrain
 _NEG_INF = -1e30  # large finite negative: exp() underflows to 0 without producing NaN rows
 
 
-def rope(x_BxLxHxK: jax.Array, positions_BxL: jax.Array, theta: float) -> jax.Array:
-    """Rotate channel pairs (i, i + K/2) by angle position * theta^(-2i/K) (rotate-half form)."""
+def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
+    """float32 [K/2] frequencies theta^(-2i/K), rescaled per `cfg.rope_scaling` as in HF Llama."""
+    half = cfg.head_dim // 2
+    inv_freq = cfg.rope_theta ** (-np.arange(half, dtype=np.float64) / half)
+    factor = cfg.rope_scaling_factor
+    if cfg.rope_scaling == "linear":
+        inv_freq = inv_freq / factor
+    elif cfg.rope_scaling == "llama3":
+        # Long wavelengths are slowed by `factor`, short ones kept, and the band between the
+        # two cutoffs interpolated smoothly (Llama 3.1's rope_scaling).
+        low, high = cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
+        wavelen = 2 * np.pi / inv_freq
+        smooth = np.clip((cfg.rope_original_max_len / wavelen - low) / (high - low), 0.0, 1.0)
+        inv_freq = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+    return inv_freq.astype(np.float32)
+
+
+def rope(
+    x_BxLxHxK: jax.Array,
+    positions_BxL: jax.Array,
+    theta: float,
+    inv_freq_K2: np.ndarray | None = None,
+) -> jax.Array:
+    """Rotate channel pairs (i, i + K/2) by angle position * theta^(-2i/K) (rotate-half form).
+
+    `inv_freq_K2` replaces the frequencies theta^(-2i/K), e.g. by scaled ones from `rope_inv_freq`.
+    """
     half = x_BxLxHxK.shape[-1] // 2
-    inv_freq_K2 = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+    if inv_freq_K2 is None:
+        inv_freq_K2 = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
     angle_BxLx1xK2 = (positions_BxL[..., None].astype(jnp.float32) * inv_freq_K2)[:, :, None, :]
     sin, cos = jnp.sin(angle_BxLx1xK2), jnp.cos(angle_BxLx1xK2)
     x1, x2 = jnp.split(x_BxLxHxK.astype(jnp.float32), 2, axis=-1)
@@ -100,6 +127,11 @@ class Attention(nnx.Module):
         self.wo = nnx.Param(
             out_init(rngs.params(), (h, k, d), pdt), out_sharding=("heads", "kv", "embed")
         )
+        if cfg.bias:
+            self.bq = nnx.Param(jnp.zeros((h, k), pdt), out_sharding=("heads", "kv"))
+            self.bk = nnx.Param(jnp.zeros((g, k), pdt), out_sharding=("kv_heads", "kv"))
+            self.bv = nnx.Param(jnp.zeros((g, k), pdt), out_sharding=("kv_heads", "kv"))
+            self.bo = nnx.Param(jnp.zeros((d,), pdt), out_sharding=("embed",))
 
     def __call__(
         self,
@@ -114,12 +146,18 @@ class Attention(nnx.Module):
         # One GEMM for Q, K and V together: a wider matmul keeps the cores busier.
         w_Dx_HGGxK = jnp.concatenate([self.wq[...], self.wk[...], self.wv[...]], axis=1)
         qkv_BxLx_HGGxK = dense(x_BxLxD, w_Dx_HGGxK, dt)
+        if cfg.bias:
+            b_HGGxK = jnp.concatenate([self.bq[...], self.bk[...], self.bv[...]], axis=0)
+            qkv_BxLx_HGGxK = qkv_BxLx_HGGxK + b_HGGxK.astype(dt)
         q_BxLxHxK, k_BxLxGxK, v_BxLxGxK = jnp.split(qkv_BxLx_HGGxK, [h, h + g], axis=2)
         q_BxLxHxK = constrain(q_BxLxHxK, ("act_batch", "act_length", "act_heads", None))
         if cfg.position == "rope":
-            q_BxLxHxK = rope(q_BxLxHxK, positions_BxL, cfg.rope_theta)
-            k_BxLxGxK = rope(k_BxLxGxK, positions_BxL, cfg.rope_theta)
+            inv_freq_K2 = rope_inv_freq(cfg)
+            q_BxLxHxK = rope(q_BxLxHxK, positions_BxL, cfg.rope_theta, inv_freq_K2)
+            k_BxLxGxK = rope(k_BxLxGxK, positions_BxL, cfg.rope_theta, inv_freq_K2)
         mask = attention_mask(segment_ids_BxL, causal)
         out_BxLxHxK = dot_product_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, mask, cfg.attention)
         out_BxLxD = dense(out_BxLxHxK, self.wo[...], dt, in_dims=2)
+        if cfg.bias:
+            out_BxLxD = out_BxLxD + self.bo[...].astype(dt)
         return constrain(out_BxLxD, ("act_batch", "act_length", "act_embed"))

@@ -1,0 +1,121 @@
+"""BERT ↔ this project: a post-LayerNorm bidirectional encoder with learned positions, token types
+and an embedding LayerNorm; the masked-LM head (tied decoder + bias) and the pooler + classifier
+of sequence classification map onto `MlmHead` and `ClassificationHead(pooler=True)`."""
+
+from __future__ import annotations
+
+from lm.config import ModelConfig
+from lm.interop.mapping import Tensors, linear, out_linear, tensor
+
+ARCHITECTURES = {
+    "BertModel": "",
+    "BertForMaskedLM": "bert.",
+    "BertForSequenceClassification": "bert.",
+}
+_ACTIVATIONS = {"gelu": "gelu_exact", "gelu_new": "gelu", "gelu_pytorch_tanh": "gelu"}
+
+
+def model_config(hf: dict) -> dict:
+    """ModelConfig fields of a BERT config.json."""
+    act = hf.get("hidden_act", "gelu")
+    if act not in _ACTIVATIONS:
+        raise ValueError(f"BERT hidden_act '{act}' is not supported; use gelu.")
+    kind = hf.get("position_embedding_type", "absolute")
+    if kind != "absolute":
+        raise ValueError(f"BERT position_embedding_type '{kind}' is not supported; use absolute.")
+    if hf.get("is_decoder") or hf.get("add_cross_attention"):
+        raise ValueError("BERT as a decoder (is_decoder / add_cross_attention) is not supported.")
+    return dict(
+        vocab_size=hf["vocab_size"],
+        d_model=hf["hidden_size"],
+        num_layers=hf["num_hidden_layers"],
+        num_heads=hf["num_attention_heads"],
+        d_ff=hf["intermediate_size"],
+        max_seq_len=hf["max_position_embeddings"],
+        position="learned",
+        norm="layernorm",
+        norm_eps=hf.get("layer_norm_eps", 1e-12),
+        mlp=_ACTIVATIONS[act],
+        tie_embeddings=True,
+        bias=True,
+        norm_position="post",
+        embed_norm=True,
+        type_vocab_size=hf.get("type_vocab_size", 2),
+        causal=False,
+    )
+
+
+def hf_config(m: ModelConfig, architecture: str) -> dict:
+    """config.json of a BERT `architecture` for `m`."""
+    return {
+        "model_type": "bert",
+        "architectures": [architecture],
+        "vocab_size": m.vocab_size,
+        "hidden_size": m.d_model,
+        "num_hidden_layers": m.num_layers,
+        "num_attention_heads": m.num_heads,
+        "intermediate_size": m.d_ff,
+        "max_position_embeddings": m.max_seq_len,
+        "type_vocab_size": m.type_vocab_size,
+        "layer_norm_eps": m.norm_eps,
+        "hidden_act": "gelu" if m.mlp == "gelu_exact" else "gelu_new",
+        "position_embedding_type": "absolute",
+        "hidden_dropout_prob": m.dropout,
+        "attention_probs_dropout_prob": 0.0,
+        "tie_word_embeddings": True,
+    }
+
+
+def entries(m: ModelConfig, prefix: str) -> list[Tensors]:
+    """Encoder tensors; `prefix` is 'bert.' inside the task models."""
+    d, h, k, f = m.d_model, m.num_heads, m.head_dim, m.d_ff
+    emb, layer = f"{prefix}embeddings.", f"{prefix}encoder.layer.{{i}}."
+    heads = lambda b: b.reshape(h, k)
+    flat = lambda b: b.reshape(-1)
+    out = [
+        tensor("embed", emb + "word_embeddings.weight"),
+        tensor("pos_embed", emb + "position_embeddings.weight"),
+        tensor("embed_norm/scale", emb + "LayerNorm.weight"),
+        tensor("embed_norm/bias", emb + "LayerNorm.bias"),
+        out_linear("blocks/attn/wo", layer + "attention.output.dense.weight", (h, k, d)),
+        tensor("blocks/attn/bo", layer + "attention.output.dense.bias"),
+        tensor("blocks/attn_norm/scale", layer + "attention.output.LayerNorm.weight"),
+        tensor("blocks/attn_norm/bias", layer + "attention.output.LayerNorm.bias"),
+        linear("blocks/mlp/w_up", layer + "intermediate.dense.weight", (d, f)),
+        tensor("blocks/mlp/b_up", layer + "intermediate.dense.bias"),
+        linear("blocks/mlp/w_down", layer + "output.dense.weight", (f, d)),
+        tensor("blocks/mlp/b_down", layer + "output.dense.bias"),
+        tensor("blocks/mlp_norm/scale", layer + "output.LayerNorm.weight"),
+        tensor("blocks/mlp_norm/bias", layer + "output.LayerNorm.bias"),
+    ]
+    for ours, theirs in (("q", "query"), ("k", "key"), ("v", "value")):
+        hf = f"{layer}attention.self.{theirs}"
+        out.append(linear(f"blocks/attn/w{ours}", hf + ".weight", (d, h, k)))
+        out.append(tensor(f"blocks/attn/b{ours}", hf + ".bias", heads, flat))
+    if m.type_vocab_size:
+        out.append(tensor("type_embed", emb + "token_type_embeddings.weight"))
+    return out
+
+
+def mlm_entries() -> list[Tensors]:
+    """BertForMaskedLM's `cls.predictions` head onto `MlmHead` (its decoder is the tied embed)."""
+    head = "cls.predictions."
+    transpose = lambda w: w.T
+    return [
+        tensor("w_transform", head + "transform.dense.weight", transpose, transpose),
+        tensor("b_transform", head + "transform.dense.bias"),
+        tensor("norm/scale", head + "transform.LayerNorm.weight"),
+        tensor("norm/bias", head + "transform.LayerNorm.bias"),
+        tensor("b_output", head + "bias"),
+    ]
+
+
+def classifier_entries() -> list[Tensors]:
+    """BertForSequenceClassification's pooler and classifier onto `ClassificationHead`."""
+    transpose = lambda w: w.T
+    return [
+        tensor("pooler/kernel", "bert.pooler.dense.weight", transpose, transpose),
+        tensor("pooler/bias", "bert.pooler.dense.bias"),
+        tensor("classifier/kernel", "classifier.weight", transpose, transpose),
+        tensor("classifier/bias", "classifier.bias"),
+    ]

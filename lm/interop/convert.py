@@ -1,0 +1,185 @@
+"""`lm convert`: Hugging Face model directories (safetensors) ↔ this project's run directories.
+
+from-hf reads `config.json`, maps it to a `Config`, and streams the weights tensor by tensor
+straight onto their shardings (an FSDP mesh over all devices by default) before writing a
+params-only checkpoint with `lm.runs.write_params_run`. to-hf loads a run's parameters and
+streams them out one tensor at a time as `model.safetensors` + `config.json`, loadable by
+`transformers` `from_pretrained`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import shutil
+from pathlib import Path
+from types import ModuleType
+
+from flax import nnx
+from jax.sharding import Mesh
+
+from lm.config import Config, DataConfig, MeshConfig, ModelConfig, TrainConfig, validate
+from lm.interop import bert, gpt2, llama
+from lm.interop.mapping import Tensors, hf_tensors, load_params
+from lm.interop.safetensors_io import SINGLE_FILE, SafetensorsReader, write_safetensors
+from lm.model.transformer import abstract_split
+from lm.parallel import make_mesh
+
+log = logging.getLogger(__name__)
+
+_MODULES: dict[str, ModuleType] = {"gpt2": gpt2, "llama": llama, "bert": bert}
+# Buffers some checkpoints carry that are not parameters (causal masks, position ranges).
+_BUFFERS = (".attn.bias", ".attn.masked_bias", "embeddings.position_ids", "rotary_emb.inv_freq")
+# Fields that decide the math; `to_hf` refuses a run whose values an architecture cannot express.
+_ARCH_FIELDS = (
+    "vocab_size", "d_model", "num_layers", "num_heads", "kv_heads", "d_ff", "position",
+    "rope_theta", "rope_scaling", "rope_scaling_factor", "norm", "mlp", "tie_embeddings", "bias",
+    "norm_position", "embed_norm", "type_vocab_size", "causal",
+)  # fmt: skip
+
+
+@dataclasses.dataclass(frozen=True)
+class Architecture:
+    """One supported HF class: its module, the name prefix of backbone tensors, the head kind."""
+
+    name: str
+    module: ModuleType
+    prefix: str
+    head: str  # "" (backbone / causal LM) | "mlm"
+
+
+def read_hf_config(src: str | Path) -> dict:
+    path = Path(src) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{src} has no config.json; pass a Hugging Face model directory (save_pretrained)."
+        )
+    return json.loads(path.read_text())
+
+
+def architecture(hf: dict) -> Architecture:
+    """The supported architecture a config.json names, or a ValueError naming what it is."""
+    model_type = hf.get("model_type", "")
+    names = hf.get("architectures") or []
+    supported = [n for m in _MODULES.values() for n in m.ARCHITECTURES]
+    if model_type not in _MODULES or not names or names[0] not in supported:
+        raise ValueError(
+            f"Architecture {names[0] if names else model_type!r} (model_type {model_type!r}) "
+            f"is not supported; supported: {', '.join(supported)}."
+        )
+    module = _MODULES[model_type]
+    head = "mlm" if names[0] == "BertForMaskedLM" else ""
+    return Architecture(names[0], module, module.ARCHITECTURES[names[0]], head)
+
+
+def config_from_hf(hf: dict) -> Config:
+    """The run config of a HF model: its architecture, with project defaults for training."""
+    arch = architecture(hf)
+    model = ModelConfig(**arch.module.model_config(hf))
+    cfg = Config(
+        model=model,
+        data=DataConfig(seq_len=min(DataConfig().seq_len, model.max_seq_len)),
+        train=TrainConfig(objective="mlm" if arch.head == "mlm" else "clm"),
+    )
+    validate(cfg)
+    return cfg
+
+
+def _entries(arch: Architecture, m: ModelConfig) -> list[Tensors]:
+    """Every tensor of `arch`, named by our full parameter paths."""
+    backbone = arch.module.entries(m, arch.prefix)
+    if arch.head == "mlm":
+        return with_prefix(backbone, "backbone/") + with_prefix(bert.mlm_entries(), "head/")
+    return backbone
+
+
+def with_prefix(entries: list[Tensors], prefix: str) -> list[Tensors]:
+    return [dataclasses.replace(e, ours=tuple(prefix + p for p in e.ours)) for e in entries]
+
+
+def import_hf(
+    src: str | Path, mesh: Mesh | None = None
+) -> tuple[Config, nnx.GraphDef, nnx.State]:
+    """(config, graphdef, params) of the HF model directory `src`, params sharded on `mesh`
+    (default: FSDP over all devices); tensors are read and placed one at a time."""
+    from lm.runs import build_model
+
+    src = Path(src)
+    hf = read_hf_config(src)
+    cfg, arch = config_from_hf(hf), architecture(hf)
+    mesh = mesh or make_mesh(MeshConfig(data=1, fsdp=-1))
+    with nnx.use_eager_sharding(False):
+        graphdef, abstract = abstract_split(lambda: build_model(cfg, nnx.Rngs(0)))
+    entries = _entries(arch, cfg.model)
+    with SafetensorsReader(src) as reader:
+        params = load_params(reader, entries, abstract, mesh, cfg.model.num_layers)
+        used = {
+            name.format(i=i)
+            for e in entries
+            for name in e.hf
+            for i in range(cfg.model.num_layers if e.per_layer else 1)
+        }
+        ignored = [
+            k
+            for k in reader
+            if k not in used and not k.endswith(_BUFFERS) and k != "lm_head.weight"
+        ]
+    if ignored:
+        log.warning("%s: not imported (no counterpart here): %s", src, ", ".join(ignored))
+    return cfg, graphdef, params
+
+
+def from_hf(src: str | Path, dst: str | Path, *, mesh: Mesh | None = None) -> Config:
+    """Convert the HF model directory `src` into the run directory `dst`; returns its config."""
+    from lm.runs import write_params_run
+
+    src, dst = Path(src), Path(dst)
+    cfg, _, params = import_hf(src, mesh)
+    arch = architecture(read_hf_config(src))
+    write_params_run(dst, cfg, params, {"converted_from": str(src), "architecture": arch.name})
+    if (src / "tokenizer.model").is_file():
+        shutil.copyfile(src / "tokenizer.model", dst / "tokenizer.model")
+    return cfg
+
+
+def export_architecture(cfg: Config) -> Architecture:
+    """The HF class a run is written as, or a ValueError naming the field that has no match."""
+    m = cfg.model
+    if cfg.train.objective == "mlm":
+        name, module = "BertForMaskedLM", bert
+    elif m.norm_position == "post":
+        name, module = "BertModel", bert
+    elif m.position == "learned":
+        name, module = gpt2.EXPORT_ARCHITECTURE, gpt2
+    else:
+        name, module = llama.EXPORT_ARCHITECTURE, llama
+    hf = module.hf_config(m, name) if module is bert else module.hf_config(m)
+    expected = ModelConfig(**module.model_config(hf))
+    for field in _ARCH_FIELDS:
+        ours, theirs = getattr(m, field), getattr(expected, field)
+        if ours != theirs:
+            raise ValueError(
+                f"model.{field}={ours} has no equivalent in {name}, which needs "
+                f"model.{field}={theirs}; this run cannot be written as a Hugging Face model."
+            )
+    return architecture(hf)
+
+
+def to_hf(run_dir: str | Path, dst: str | Path, *, mesh: Mesh | None = None) -> str:
+    """Write run `run_dir`'s newest parameters as a HF model directory `dst`; returns its class."""
+    from lm.runs import load_run, read_run_config
+
+    cfg = read_run_config(run_dir)
+    arch = export_architecture(cfg)
+    run = load_run(run_dir, mesh=mesh)
+    m = cfg.model
+    hf = arch.module.hf_config(m, arch.name) if arch.module is bert else arch.module.hf_config(m)
+    dst = Path(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    shapes, fetch = hf_tensors(run.params, _entries(arch, m), m.num_layers, m.scan_layers)
+    write_safetensors(dst / SINGLE_FILE, shapes, fetch, {"format": "pt"})
+    (dst / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
+    if (Path(run_dir) / "tokenizer.model").is_file():
+        shutil.copyfile(Path(run_dir) / "tokenizer.model", dst / "tokenizer.model")
+    return arch.name
