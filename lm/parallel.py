@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 from flax import nnx
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from lm.config import MeshConfig, mesh_shape
@@ -41,10 +42,24 @@ RULES: dict[str, tuple[str, ...]] = {
 
 
 def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A ('data', 'fsdp', 'tensor') mesh over `devices` (default: all), -1 filling the rest."""
+    """A ('data', 'fsdp', 'tensor') mesh over `devices` (default: all), -1 filling the rest.
+
+    With `dcn_*` sizes above 1 the mesh is hybrid: each slice (TPU slice, or host where devices
+    carry no slice index, as on GPU and CPU) holds a whole `data x fsdp x tensor` block, so
+    only the `dcn_*` part of an axis crosses the slow network.
+    """
     devices = list(jax.devices() if devices is None else devices)
     shape = mesh_shape(cfg, len(devices))
-    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+    if cfg.num_slices == 1:
+        return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+    ici = tuple(total // dcn for total, dcn in zip(shape, cfg.dcn, strict=True))
+    grid = mesh_utils.create_hybrid_device_mesh(
+        ici,
+        cfg.dcn,
+        devices,
+        process_is_granule=getattr(devices[0], "slice_index", None) is None,
+    )
+    return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * 3)
 
 
 def logical_to_spec(

@@ -64,6 +64,7 @@ def pretrain(cfg: Config) -> dict[str, float]:
         "pretrain_data", lambda: load_pretrain_data(cfg.data, run_dir, cfg.model.vocab_size)
     )
     if jax.process_index() == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
     writer = MetricsWriter(run_dir, cfg.train.steps)

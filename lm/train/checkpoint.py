@@ -6,11 +6,13 @@ mid-save leaves the previous checkpoint as the newest one: incomplete saves are 
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
 from lm.config import CheckpointConfig
 from lm.train.state import abstract_with_shardings
@@ -20,7 +22,7 @@ class Checkpointer:
     """Saves and restores `TrainState` with metadata (config, data position) under `directory`."""
 
     def __init__(self, directory: str | Path, cfg: CheckpointConfig):
-        self.directory = Path(directory).absolute()
+        self.directory = _absolute(epath.Path(directory))
         self.manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(
@@ -62,6 +64,11 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def _absolute(path: epath.Path) -> epath.Path:
+    """Local paths made absolute (Orbax needs it); gs:// and other remote URIs as they are."""
+    return path if "://" in os.fspath(path) else path.absolute()
 
 
 def abstract_of(tree: Any) -> Any:

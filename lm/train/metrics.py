@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import jax
+from etils import epath
 
 
 def _fmt_duration(seconds: float) -> str:
@@ -30,7 +31,7 @@ class MetricsWriter:
         self.start = time.perf_counter()
         self._jsonl = self._tb = None
         if self.enabled:
-            run_dir = Path(run_dir)
+            run_dir = epath.Path(run_dir)  # local or gs://
             run_dir.mkdir(parents=True, exist_ok=True)
             self._jsonl = (run_dir / "metrics.jsonl").open("a")
             from tensorboardX import SummaryWriter
