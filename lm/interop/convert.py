@@ -35,7 +35,8 @@ _BUFFERS = (".attn.bias", ".attn.masked_bias", "embeddings.position_ids", "rotar
 _ARCH_FIELDS = (
     "vocab_size", "d_model", "num_layers", "num_heads", "kv_heads", "d_ff", "position",
     "rope_theta", "rope_scaling", "rope_scaling_factor", "norm", "mlp", "tie_embeddings", "bias",
-    "norm_position", "embed_norm", "type_vocab_size", "causal",
+    "norm_position", "embed_norm", "type_vocab_size", "causal", "rope_low_freq_factor",
+    "rope_high_freq_factor", "rope_original_max_len",
 )  # fmt: skip
 
 
@@ -98,9 +99,7 @@ def with_prefix(entries: list[Tensors], prefix: str) -> list[Tensors]:
     return [dataclasses.replace(e, ours=tuple(prefix + p for p in e.ours)) for e in entries]
 
 
-def import_hf(
-    src: str | Path, mesh: Mesh | None = None
-) -> tuple[Config, nnx.GraphDef, nnx.State]:
+def import_hf(src: str | Path, mesh: Mesh | None = None) -> tuple[Config, nnx.GraphDef, nnx.State]:
     """(config, graphdef, params) of the HF model directory `src`, params sharded on `mesh`
     (default: FSDP over all devices); tensors are read and placed one at a time."""
     from lm.runs import build_model
@@ -159,9 +158,10 @@ def export_architecture(cfg: Config) -> Architecture:
     for field in _ARCH_FIELDS:
         ours, theirs = getattr(m, field), getattr(expected, field)
         if ours != theirs:
+            key = "num_kv_heads" if field == "kv_heads" else field
             raise ValueError(
-                f"model.{field}={ours} has no equivalent in {name}, which needs "
-                f"model.{field}={theirs}; this run cannot be written as a Hugging Face model."
+                f"model.{key}={ours} has no equivalent in {name}, which needs "
+                f"model.{key}={theirs}; this run cannot be written as a Hugging Face model."
             )
     return architecture(hf)
 
