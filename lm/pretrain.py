@@ -18,7 +18,7 @@ from lm.data.pipeline import eval_batches, load_pretrain_data, to_global
 from lm.distributed import initialize, process_zero_first
 from lm.evaluate import evaluate_lm
 from lm.flops import peak_flops, train_flops_per_token
-from lm.generate import sample
+from lm.generate import sample_text
 from lm.parallel import batch_sharding, make_mesh
 from lm.runs import build_model
 from lm.train.checkpoint import Checkpointer
@@ -143,13 +143,14 @@ def pretrain(cfg: Config) -> dict[str, float]:
                 f"perplexity {final['perplexity']:.2f}, bits-per-byte {final['bits_per_byte']:.4f}"
             )
         if cfg.train.sample_tokens and not mlm:  # an encoder does not generate text
-            text = sample(
+            text = sample_text(
                 graphdef,
                 state.params,
                 data.tokenizer,
                 cfg.train.sample_prompt,
                 cfg.train.sample_tokens,
-                cfg.data.seq_len,
+                max_len=cfg.data.seq_len,
+                mesh=mesh,
                 seed=cfg.train.seed,
             )
             writer.print(f"sample:\n{text}")

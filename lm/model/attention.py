@@ -13,6 +13,7 @@ import numpy as np
 from flax import nnx
 
 from lm.config import ModelConfig
+from lm.model.kv_cache import KVCache
 from lm.model.linear import dense
 from lm.parallel import constrain
 
@@ -133,13 +134,10 @@ class Attention(nnx.Module):
             self.bv = nnx.Param(jnp.zeros((g, k), pdt), out_sharding=("kv_heads", "kv"))
             self.bo = nnx.Param(jnp.zeros((d,), pdt), out_sharding=("embed",))
 
-    def __call__(
-        self,
-        x_BxLxD: jax.Array,
-        segment_ids_BxL: jax.Array,
-        positions_BxL: jax.Array,
-        causal: bool = True,
-    ) -> jax.Array:
+    def _qkv(
+        self, x_BxLxD: jax.Array, positions_BxL: jax.Array
+    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Queries [B,L,H,K], keys and values [B,L,G,K], rotated by position under RoPE."""
         cfg = self.cfg
         dt = jnp.dtype(cfg.dtype)
         h, g = cfg.num_heads, cfg.kv_heads
@@ -155,9 +153,42 @@ class Attention(nnx.Module):
             inv_freq_K2 = rope_inv_freq(cfg)
             q_BxLxHxK = rope(q_BxLxHxK, positions_BxL, cfg.rope_theta, inv_freq_K2)
             k_BxLxGxK = rope(k_BxLxGxK, positions_BxL, cfg.rope_theta, inv_freq_K2)
-        mask = attention_mask(segment_ids_BxL, causal)
-        out_BxLxHxK = dot_product_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, mask, cfg.attention)
+        return q_BxLxHxK, k_BxLxGxK, v_BxLxGxK
+
+    def _out(self, out_BxLxHxK: jax.Array) -> jax.Array:
+        dt = jnp.dtype(self.cfg.dtype)
         out_BxLxD = dense(out_BxLxHxK, self.wo[...], dt, in_dims=2)
-        if cfg.bias:
+        if self.cfg.bias:
             out_BxLxD = out_BxLxD + self.bo[...].astype(dt)
         return constrain(out_BxLxD, ("act_batch", "act_length", "act_embed"))
+
+    def __call__(
+        self,
+        x_BxLxD: jax.Array,
+        segment_ids_BxL: jax.Array,
+        positions_BxL: jax.Array,
+        causal: bool = True,
+    ) -> jax.Array:
+        q_BxLxHxK, k_BxLxGxK, v_BxLxGxK = self._qkv(x_BxLxD, positions_BxL)
+        mask = attention_mask(segment_ids_BxL, causal)
+        out_BxLxHxK = dot_product_attention(
+            q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, mask, self.cfg.attention
+        )
+        return self._out(out_BxLxHxK)
+
+    def decode(
+        self,
+        x_BxLxD: jax.Array,
+        positions_BxL: jax.Array,
+        cache: KVCache,
+        layer: int | jax.Array,
+        start: jax.Array,
+        mask_Bx1xLxS: jax.Array,
+    ) -> tuple[jax.Array, KVCache]:
+        """Attend L new tokens to `layer`'s cache after writing their keys/values at `start`."""
+        q_BxLxHxK, k_BxLxGxK, v_BxLxGxK = self._qkv(x_BxLxD, positions_BxL)
+        cache, k_BxSxGxK, v_BxSxGxK = cache.update(layer, start, k_BxLxGxK, v_BxLxGxK)
+        out_BxLxHxK = dot_product_attention(
+            q_BxLxHxK, k_BxSxGxK, v_BxSxGxK, mask_Bx1xLxS, self.cfg.attention
+        )
+        return self._out(out_BxLxHxK), cache
