@@ -16,6 +16,12 @@ def _pretrain(args: argparse.Namespace) -> None:
     pretrain(load_config(args.config, args.overrides))
 
 
+def _finetune(args: argparse.Namespace) -> None:
+    from lm.finetune import finetune
+
+    finetune(load_config(args.config, args.overrides))
+
+
 def _bench(args: argparse.Namespace) -> None:
     from lm.bench import bench
 
@@ -110,6 +116,7 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     for name, run, help_text in [
         ("pretrain", _pretrain, "pretrain a causal language model (resumes an existing run dir)"),
+        ("finetune", _finetune, "fine-tune a task head or SFT from a checkpoint (resumes too)"),
         ("bench", _bench, "measure train-step tokens/s and MFU on synthetic batches"),
     ]:
         sub = commands.add_parser(name, help=help_text)

@@ -45,8 +45,12 @@ def run_loop(
     meta_at: Callable[[int], dict],
     evaluate: Callable[[Any], dict] | None = None,
     start_step: int = 0,
+    should_stop: Callable[[], bool] | None = None,
 ) -> Any:
     """Train from `start_step` to `settings.stop_at`; returns the final state.
+
+    `should_stop`, asked after each evaluation, ends training early (e.g. early stopping on a
+    validation metric); the state at that step is checkpointed first.
 
     Metrics of step N are fetched after step N+1 is dispatched, so the host never stalls the
     device. Before each checkpoint the pending metrics are checked, so a diverged state is
@@ -96,8 +100,12 @@ def run_loop(
             writer.print(
                 f"eval @ step {done}: " + ", ".join(f"{k} {v:.4g}" for k, v in results.items())
             )
-        if saving:
+        stopping = evaluating and should_stop is not None and should_stop()
+        if saving or stopping:
             checkpointer.save(done, state, meta_at(done))
+        if stopping:
+            writer.print(f"stopping early at step {done}")
+            break
         if evaluating or saving:
             window.clear()
             window_start = time.perf_counter()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import jax
 import optax
 
@@ -60,3 +62,22 @@ def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransfor
     if cfg.clip_norm > 0:
         return optax.chain(optax.clip_by_global_norm(cfg.clip_norm), adamw)
     return adamw
+
+
+def trainable_mask(params, trainable: Callable[[list[str]], bool]):
+    """True where `trainable` accepts the parameter's path names (['backbone', 'blocks', ...])."""
+    return jax.tree_util.tree_map_with_path(lambda path, _: trainable(_path_names(path)), params)
+
+
+def freeze(
+    tx: optax.GradientTransformation, trainable: Callable[[list[str]], bool]
+) -> optax.GradientTransformation:
+    """`tx` on the trainable parameters only; the others get zero updates and no optimizer state.
+
+    Clipping inside `tx` then measures the trainable gradients alone.
+    """
+
+    def labels(params):
+        return jax.tree.map(lambda t: "train" if t else "frozen", trainable_mask(params, trainable))
+
+    return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
