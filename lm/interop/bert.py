@@ -4,7 +4,7 @@ of sequence classification map onto `MlmHead` and `ClassificationHead(pooler=Tru
 
 from __future__ import annotations
 
-from lm.config import ModelConfig
+from lm.config import FinetuneConfig, ModelConfig
 from lm.interop.mapping import Tensors, linear, out_linear, tensor
 
 ARCHITECTURES = {
@@ -45,9 +45,36 @@ def model_config(hf: dict) -> dict:
     )
 
 
-def hf_config(m: ModelConfig, architecture: str) -> dict:
-    """config.json of a BERT `architecture` for `m`."""
+def finetune_config(hf: dict) -> dict:
+    """FinetuneConfig fields of a BertForSequenceClassification: its task, labels and head."""
+    problem = hf.get("problem_type")
+    if problem == "multi_label_classification":
+        raise ValueError("BERT problem_type multi_label_classification is not supported.")
+    id2label = hf.get("id2label") or {"0": "LABEL_0", "1": "LABEL_1"}
+    names = [id2label[str(i)] for i in range(len(id2label))]
+    regression = problem == "regression" or len(names) == 1
+    dropout = hf.get("classifier_dropout")
+    return dict(
+        task="regression" if regression else "classification",
+        num_labels=len(names),
+        labels="" if regression or any("," in n for n in names) else ",".join(names),
+        pooling="first",
+        pooler=True,
+        head_dropout=hf.get("hidden_dropout_prob", 0.1) if dropout is None else dropout,
+    )
+
+
+def hf_config(m: ModelConfig, architecture: str, f: FinetuneConfig) -> dict:
+    """config.json of a BERT `architecture` for `m` (and the classifier `f` describes)."""
+    labels = f.label_names or [f"LABEL_{i}" for i in range(f.num_outputs)]
+    classifier = {
+        "problem_type": "regression" if f.task == "regression" else "single_label_classification",
+        "id2label": dict(enumerate(labels)),
+        "label2id": {name: i for i, name in enumerate(labels)},
+        "classifier_dropout": f.head_dropout,
+    }
     return {
+        **(classifier if architecture == "BertForSequenceClassification" else {}),
         "model_type": "bert",
         "architectures": [architecture],
         "vocab_size": m.vocab_size,

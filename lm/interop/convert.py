@@ -13,13 +13,14 @@ import dataclasses
 import json
 import logging
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
 
 from flax import nnx
 from jax.sharding import Mesh
 
-from lm.config import Config, DataConfig, MeshConfig, ModelConfig, TrainConfig, validate
+from lm.config import Config, ConfigError, DataConfig, MeshConfig, ModelConfig, from_dict
 from lm.interop import bert, gpt2, llama
 from lm.interop.mapping import Tensors, hf_tensors, load_params
 from lm.interop.safetensors_io import SINGLE_FILE, SafetensorsReader, write_safetensors
@@ -47,7 +48,7 @@ class Architecture:
     name: str
     module: ModuleType
     prefix: str
-    head: str  # "" (backbone / causal LM) | "mlm"
+    head: str  # "" (backbone / causal LM) | "mlm" | "classify" (pooler + classifier)
 
 
 def read_hf_config(src: str | Path) -> dict:
@@ -70,21 +71,28 @@ def architecture(hf: dict) -> Architecture:
             f"is not supported; supported: {', '.join(supported)}."
         )
     module = _MODULES[model_type]
-    head = "mlm" if names[0] == "BertForMaskedLM" else ""
-    return Architecture(names[0], module, module.ARCHITECTURES[names[0]], head)
+    head = {"BertForMaskedLM": "mlm", "BertForSequenceClassification": "classify"}
+    return Architecture(names[0], module, module.ARCHITECTURES[names[0]], head.get(names[0], ""))
 
 
-def config_from_hf(hf: dict) -> Config:
-    """The run config of a HF model: its architecture, with project defaults for training."""
+def config_from_hf(hf: dict, overrides: Sequence[str] = ()) -> Config:
+    """The run config of a HF model: its architecture, project defaults for training, then
+    `section.key=value` overrides (e.g. finetune.dataset=... for a sequence classifier)."""
     arch = architecture(hf)
-    model = ModelConfig(**arch.module.model_config(hf))
-    cfg = Config(
-        model=model,
-        data=DataConfig(seq_len=min(DataConfig().seq_len, model.max_seq_len)),
-        train=TrainConfig(objective="mlm" if arch.head == "mlm" else "clm"),
-    )
-    validate(cfg)
-    return cfg
+    model = arch.module.model_config(hf)
+    tree: dict = {
+        "model": model,
+        "data": {"seq_len": min(DataConfig().seq_len, model["max_seq_len"])},
+        "train": {"objective": "mlm" if arch.head == "mlm" else "clm"},
+    }
+    if arch.head == "classify":
+        tree["finetune"] = bert.finetune_config(hf)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"Override '{item}' must look like section.key=value.")
+        key, value = item.split("=", 1)
+        tree[key.strip()] = value  # a dotted key: from_dict applies it after the sections
+    return from_dict(tree)
 
 
 def _entries(arch: Architecture, m: ModelConfig) -> list[Tensors]:
@@ -92,6 +100,8 @@ def _entries(arch: Architecture, m: ModelConfig) -> list[Tensors]:
     backbone = arch.module.entries(m, arch.prefix)
     if arch.head == "mlm":
         return with_prefix(backbone, "backbone/") + with_prefix(bert.mlm_entries(), "head/")
+    if arch.head == "classify":
+        return with_prefix(backbone, "backbone/") + with_prefix(bert.classifier_entries(), "head/")
     return backbone
 
 
@@ -99,14 +109,16 @@ def with_prefix(entries: list[Tensors], prefix: str) -> list[Tensors]:
     return [dataclasses.replace(e, ours=tuple(prefix + p for p in e.ours)) for e in entries]
 
 
-def import_hf(src: str | Path, mesh: Mesh | None = None) -> tuple[Config, nnx.GraphDef, nnx.State]:
+def import_hf(
+    src: str | Path, mesh: Mesh | None = None, overrides: Sequence[str] = ()
+) -> tuple[Config, nnx.GraphDef, nnx.State]:
     """(config, graphdef, params) of the HF model directory `src`, params sharded on `mesh`
     (default: FSDP over all devices); tensors are read and placed one at a time."""
     from lm.runs import build_model
 
     src = Path(src)
     hf = read_hf_config(src)
-    cfg, arch = config_from_hf(hf), architecture(hf)
+    cfg, arch = config_from_hf(hf, overrides), architecture(hf)
     mesh = mesh or make_mesh(MeshConfig(data=1, fsdp=-1))
     with nnx.use_eager_sharding(False):
         graphdef, abstract = abstract_split(lambda: build_model(cfg, nnx.Rngs(0)))
@@ -129,12 +141,14 @@ def import_hf(src: str | Path, mesh: Mesh | None = None) -> tuple[Config, nnx.Gr
     return cfg, graphdef, params
 
 
-def from_hf(src: str | Path, dst: str | Path, *, mesh: Mesh | None = None) -> Config:
+def from_hf(
+    src: str | Path, dst: str | Path, *, mesh: Mesh | None = None, overrides: Sequence[str] = ()
+) -> Config:
     """Convert the HF model directory `src` into the run directory `dst`; returns its config."""
     from lm.runs import write_params_run
 
     src, dst = Path(src), Path(dst)
-    cfg, _, params = import_hf(src, mesh)
+    cfg, _, params = import_hf(src, mesh, overrides)
     arch = architecture(read_hf_config(src))
     write_params_run(dst, cfg, params, {"converted_from": str(src), "architecture": arch.name})
     if (src / "tokenizer.model").is_file():
@@ -142,10 +156,24 @@ def from_hf(src: str | Path, dst: str | Path, *, mesh: Mesh | None = None) -> Co
     return cfg
 
 
-def export_architecture(cfg: Config) -> Architecture:
-    """The HF class a run is written as, or a ValueError naming the field that has no match."""
-    m = cfg.model
-    if cfg.train.objective == "mlm":
+def export_config(cfg: Config) -> tuple[Architecture, dict]:
+    """(HF class, config.json) a run is written as, or a ValueError naming what has no match."""
+    m, f = cfg.model, cfg.finetune
+    if f.lora_rank:
+        raise ValueError(
+            f"finetune.lora_rank={f.lora_rank}: LoRA adapters have no place in a plain Hugging "
+            "Face model; export a run trained without LoRA."
+        )
+    if f.task in ("classification", "regression"):
+        if not (f.pooler and f.pooling == "first"):
+            raise ValueError(
+                "A sequence classifier exports as BertForSequenceClassification only with "
+                "finetune.pooler=true and finetune.pooling=first (BERT's pooler on [CLS])."
+            )
+        name, module = "BertForSequenceClassification", bert
+    elif f.task and f.task != "text_to_text":
+        raise ValueError(f"finetune.task={f.task} has no Hugging Face architecture here.")
+    elif cfg.train.objective == "mlm":
         name, module = "BertForMaskedLM", bert
     elif m.norm_position == "post":
         name, module = "BertModel", bert
@@ -153,7 +181,7 @@ def export_architecture(cfg: Config) -> Architecture:
         name, module = gpt2.EXPORT_ARCHITECTURE, gpt2
     else:
         name, module = llama.EXPORT_ARCHITECTURE, llama
-    hf = module.hf_config(m, name) if module is bert else module.hf_config(m)
+    hf = bert.hf_config(m, name, f) if module is bert else module.hf_config(m)
     expected = ModelConfig(**module.model_config(hf))
     for field in _ARCH_FIELDS:
         ours, theirs = getattr(m, field), getattr(expected, field)
@@ -163,7 +191,7 @@ def export_architecture(cfg: Config) -> Architecture:
                 f"model.{key}={ours} has no equivalent in {name}, which needs "
                 f"model.{key}={theirs}; this run cannot be written as a Hugging Face model."
             )
-    return architecture(hf)
+    return architecture(hf), hf
 
 
 def to_hf(run_dir: str | Path, dst: str | Path, *, mesh: Mesh | None = None) -> str:
@@ -171,10 +199,9 @@ def to_hf(run_dir: str | Path, dst: str | Path, *, mesh: Mesh | None = None) -> 
     from lm.runs import load_run, read_run_config
 
     cfg = read_run_config(run_dir)
-    arch = export_architecture(cfg)
+    arch, hf = export_config(cfg)
     run = load_run(run_dir, mesh=mesh)
     m = cfg.model
-    hf = arch.module.hf_config(m, arch.name) if arch.module is bert else arch.module.hf_config(m)
     dst = Path(dst)
     dst.mkdir(parents=True, exist_ok=True)
     shapes, fetch = hf_tensors(run.params, _entries(arch, m), m.num_layers, m.scan_layers)
