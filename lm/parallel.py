@@ -16,7 +16,7 @@ from flax import nnx
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from lm.config import MeshConfig, mesh_shape
+from lm.config import ConfigError, MeshConfig, mesh_shape
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -53,11 +53,16 @@ def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> M
     if cfg.num_slices == 1:
         return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
     ici = tuple(total // dcn for total, dcn in zip(shape, cfg.dcn, strict=True))
+    by_slice = len({getattr(d, "slice_index", 0) for d in devices}) > 1
+    granules = len({d.slice_index if by_slice else d.process_index for d in devices})
+    if granules != cfg.num_slices:
+        raise ConfigError(
+            f"mesh.dcn_* = {list(cfg.dcn)} asks for {cfg.num_slices} slices but the devices "
+            f"come from {granules} {'slices' if by_slice else 'processes'}; make the dcn_* "
+            f"product {granules}."
+        )
     grid = mesh_utils.create_hybrid_device_mesh(
-        ici,
-        cfg.dcn,
-        devices,
-        process_is_granule=getattr(devices[0], "slice_index", None) is None,
+        ici, cfg.dcn, devices, process_is_granule=not by_slice
     )
     return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * 3)
 
