@@ -48,11 +48,15 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "-", Path(text).name or text).strip("-")
 
 
-def _report_path(run_dir: Path, cfg: Config, split: str, step: int) -> Path:
+def _report_path(
+    run_dir: Path, cfg: Config, split: str, step: int, max_batches: int, pseudo: bool
+) -> Path:
+    """RUN/eval/<source>-<split>-<layout>-L<seq_len>-step<N>[-first<B>][-pseudo].json"""
     d = cfg.data
     layout = f"window{d.stride or d.seq_len}" if d.packing == "window" else d.packing
-    name = f"{_slug(d.source)}-{split}-{layout}-L{d.seq_len}-step{step}.json"
-    return run_dir / "eval" / name
+    name = f"{_slug(d.source)}-{split}-{layout}-L{d.seq_len}-step{step}"
+    name += (f"-first{max_batches}" if max_batches else "") + ("-pseudo" if pseudo else "")
+    return run_dir / "eval" / f"{name}.json"
 
 
 def _progress(batches: Iterable, total: int, label: str) -> Iterable:
@@ -147,7 +151,8 @@ def evaluate_run(
         "seconds": time.perf_counter() - started,
         "data": to_dict(cfg)["data"],
     }
-    path = Path(output) if output else _report_path(run_dir, cfg, split, run.step)
+    default = _report_path(run_dir, cfg, split, run.step, max_batches, pseudo_perplexity)
+    path = Path(output or default)
     if jax.process_index() == 0:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(report, indent=2))
