@@ -74,6 +74,33 @@ def _convert_to_hf(args: argparse.Namespace) -> None:
     print(f"{args.dst}: wrote {to_hf(args.run_dir, args.dst)} (config.json, model.safetensors)")
 
 
+def _plan(args: argparse.Namespace) -> None:
+    from lm.plan import format_plan, plan_memory
+
+    if args.devices is None:
+        import jax
+
+        args.devices = jax.device_count()
+    cfg = load_config(args.config, args.overrides)
+    print(format_plan(args.config or "defaults", plan_memory(cfg, args.devices)))
+
+
+def _distributed_flags(sub: argparse.ArgumentParser) -> None:
+    """Explicit multi-host flags (otherwise LM_* / SLURM / Cloud TPU VM environment, or none)."""
+    group = sub.add_argument_group("multi-host (all three, or none)")
+    group.add_argument("--coordinator", help="HOST:PORT of process 0's coordination service")
+    group.add_argument("--num-processes", type=int, help="processes in the run")
+    group.add_argument("--process-id", type=int, help="this process, 0 .. num_processes - 1")
+
+
+def _join_distributed(args: argparse.Namespace) -> None:
+    """Join a multi-host run before the command touches a device (no-op for one process)."""
+    if hasattr(args, "coordinator"):
+        from lm.distributed import initialize
+
+        initialize(args.coordinator, args.num_processes, args.process_id)
+
+
 def _fraction(text: str) -> float:
     value = float(text)
     if not 0.0 <= value < 1.0:
@@ -92,6 +119,7 @@ def _parser() -> argparse.ArgumentParser:
         sub.set_defaults(run=run)
         sub.add_argument("--config", help="YAML file (see configs/)")
         sub.add_argument("overrides", nargs="*", help="section.key=value, e.g. optim.lr=3e-4")
+        _distributed_flags(sub)
         if name == "bench":
             sub.add_argument("--steps", type=int, default=10, help="timed steps")
             sub.add_argument("--warmup", type=int, default=2, help="untimed steps first")
@@ -149,12 +177,24 @@ def _parser() -> argparse.ArgumentParser:
     to_hf.set_defaults(run=_convert_to_hf)
     to_hf.add_argument("--run", dest="run_dir", required=True, help="run directory (newest step)")
     to_hf.add_argument("--dst", required=True, help="directory for config.json + safetensors")
+    plan = commands.add_parser(
+        "plan", help="memory per device of a config on a mesh (params, AdamW, activations)"
+    )
+    plan.set_defaults(run=_plan)
+    plan.add_argument("--config", help="YAML file (see configs/)")
+    plan.add_argument(
+        "overrides", nargs="*", help="e.g. mesh.fsdp=-1 mesh.data=1 data.batch_size=256"
+    )
+    plan.add_argument(
+        "--devices", type=int, help="devices to plan for (default: those this machine sees)"
+    )
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
+        _join_distributed(args)
         args.run(args)
     except _USAGE_ERRORS as error:
         print(f"lm {args.command}: error: {error}", file=sys.stderr)

@@ -118,7 +118,7 @@ def plan_memory(cfg: Config, devices: int) -> MemoryPlan:
 
 
 def _gib(n: int) -> str:
-    return f"{n / 2**30:.3f} GiB" if n >= 2**27 else f"{n / 2**20:.1f} MiB"
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
 def format_plan(name: str, plan: MemoryPlan) -> str:
