@@ -33,8 +33,9 @@ _MIN_BUCKET = 16
 
 @dataclasses.dataclass
 class Completion:
-    """One prompt's continuation: its text (cut before a stop string), the generated token ids
-    (without EOS), each token's log-probability under the model, and why generation ended."""
+    """One prompt's continuation: its text (cut right before a stop string), the generated
+    token ids (without EOS; after a stop string, the shortest prefix that covers `text`), each
+    token's log-probability under the model (before any sampling filter), and why it ended."""
 
     text: str
     tokens: list[int]
@@ -158,7 +159,7 @@ class Generator:
         mesh: Mesh | None = None,
         max_len: int | None = None,
     ):
-        if not hasattr(model, "hidden_cached"):
+        if not hasattr(model, "hidden_cached") or not model.cfg.causal:
             raise ValueError(
                 f"{type(model).__name__} is not a causal language model; generation needs a "
                 "run trained with objective clm (a Transformer)."
@@ -250,7 +251,8 @@ class Generator:
         beams = _BeamState(
             scores_BxN=scores_BxN,
             done_BxN=parent_done_BxN | (tokens_BxN == EOS_ID),
-            lengths_BxN=pick(beams.lengths_BxN) + (~parent_done_BxN).astype(jnp.int32),
+            lengths_BxN=pick(beams.lengths_BxN)
+            + (~parent_done_BxN & (tokens_BxN != EOS_ID)).astype(jnp.int32),
             tokens_BxNxT=history_BxNxT,
             logprobs_BxNxT=logps_BxNxT,
             step=beams.step + 1,
@@ -438,6 +440,7 @@ class Generator:
         cuts = [row.text.find(s) for s in stop if s and s in row.text]
         if cuts:
             row.text = row.text[: min(cuts)]
+            row.tokens, row.logprobs = self._cut_at_text(row)
             row.finish_reason = "stop"
         if on_token is None:
             return
@@ -521,8 +524,6 @@ class Generator:
                 finish_reason="eos" if done[index, best] else "length",
             )
             self._update_text(index, row, stop, on_token)
-            if row.finish_reason == "stop":
-                row.tokens, row.logprobs = self._cut_at_text(row)
             completions.append(self._completion(row))
         return completions
 

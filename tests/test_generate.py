@@ -147,6 +147,21 @@ def test_degenerate_sampling_settings_equal_greedy(id_generator):
     assert [c.tokens for c in beam] == greedy
 
 
+def test_beam_search_reorders_the_cache_with_its_beams(id_generator):
+    prompts = _prompts([6, 3], seed=4)
+    beams = id_generator.beam_search(prompts, max_new_tokens=6, num_beams=3, length_penalty=0.5)
+    # Recompute each chosen beam in one causal pass (right padding cannot change its logits).
+    rows = np.zeros((len(prompts), 12), np.int32)
+    for i, (prompt, beam) in enumerate(zip(prompts, beams, strict=True)):
+        assert beam.tokens and beam.finish_reason in ("eos", "length")
+        rows[i, : len(prompt) + len(beam.tokens)] = prompt + beam.tokens
+    model = nnx.merge(id_generator.graphdef, id_generator.params)
+    logp = np.asarray(jax.jit(lambda m, t: jax.nn.log_softmax(m(t), -1))(model, rows))
+    for i, (prompt, beam) in enumerate(zip(prompts, beams, strict=True)):
+        at = np.arange(len(prompt) - 1, len(prompt) - 1 + len(beam.tokens))
+        np.testing.assert_allclose(logp[i, at, beam.tokens], beam.logprobs, atol=1e-5)
+
+
 def test_sampling_is_seed_reproducible(id_generator):
     prompts = _prompts([4, 4], seed=2)
     runs = [
