@@ -187,7 +187,7 @@ class FinetuneConfig:
     template: str = "{input}\n"  # text_to_text prompt
     max_new_tokens: int = 16  # text_to_text: greedy answer length when scoring
     generate_examples: int = 200  # text_to_text: validation examples decoded (0 = all)
-    eval_examples: int = 0  # validation examples scored per evaluation (0 = all)
+    eval_examples: int = 0  # validation examples per periodic evaluation (0 = all; final: all)
 
     @property
     def label_names(self) -> list[str]:

@@ -340,12 +340,13 @@ def evaluate_task(
     arrays: dict[str, np.ndarray],
     sharding,
     generate: Callable[[], dict[str, float]] | None = None,
+    limit: int = 0,
 ) -> dict[str, float]:
-    """The task's metrics (see `FINETUNE_METRICS`) over the examples of `arrays`."""
+    """The task's metrics (see `FINETUNE_METRICS`) over the first `limit` (0 = all) examples."""
     f = cfg.finetune
     count = len(next(iter(arrays.values())))
-    if f.eval_examples:
-        count = min(count, f.eval_examples)
+    if limit:
+        count = min(count, limit)
         arrays = {k: v[:count] for k, v in arrays.items()}
     nll = weight = 0.0
     predictions = []
@@ -497,6 +498,7 @@ def finetune(cfg: Config) -> dict[str, float]:
     if (trainable := trainable_names(cfg)) is not None:
         tx = freeze(tx, trainable)
     best = BestCheckpoint(run_dir, cfg)
+    peak = peak_flops(jax.devices())  # measured outside the mesh context
     with jax.set_mesh(mesh):
         graphdef, abstract, shardings, init = plan_train_state(
             lambda rngs: build_model(cfg, rngs), tx, mesh, cfg.train.seed
@@ -525,7 +527,7 @@ def finetune(cfg: Config) -> dict[str, float]:
         def batch_at(step: int):
             return to_global(batches.local_batch(step), rows_sharding)
 
-        def evaluate_split(current: TrainState, split: str) -> dict[str, float]:
+        def evaluate_split(current: TrainState, split: str, limit: int) -> dict[str, float]:
             generate = None
             if f.task == "text_to_text":
                 model = nnx.merge(graphdef, current.params)
@@ -535,11 +537,11 @@ def finetune(cfg: Config) -> dict[str, float]:
                     return answer_scores(cfg, model, tokenizer, examples[split], mesh)
 
             return evaluate_task(
-                cfg, eval_step, current.params, encoded[split][0], rows_sharding, generate
+                cfg, eval_step, current.params, encoded[split][0], rows_sharding, generate, limit
             )
 
         def evaluate(current: TrainState) -> dict[str, float]:
-            results = evaluate_split(current, "validation")
+            results = evaluate_split(current, "validation", f.eval_examples)
             best.update(int(current.step), current, results)
             return results
 
@@ -556,7 +558,7 @@ def finetune(cfg: Config) -> dict[str, float]:
             checkpoint_every=cfg.checkpoint.every,
             tokens_per_step=tokens_per_step,
             flops_per_step=train_flops_per_token(cfg.model, cfg.data.seq_len) * tokens_per_step,
-            peak_flops=peak_flops(jax.devices()),
+            peak_flops=peak,
         )
         state = run_loop(
             state,
@@ -570,9 +572,9 @@ def finetune(cfg: Config) -> dict[str, float]:
             start,
             should_stop=best.should_stop,
         )
-        final = {f"validation/{k}": v for k, v in evaluate_split(state, "validation").items()}
+        final = {f"validation/{k}": v for k, v in evaluate_split(state, "validation", 0).items()}
         if "test" in encoded:
-            final.update({f"test/{k}": v for k, v in evaluate_split(state, "test").items()})
+            final.update({f"test/{k}": v for k, v in evaluate_split(state, "test", 0).items()})
         final.update({"best/step": best.record["step"], "best/value": best.record["value"]})
         checkpointer.close()
         best.close()

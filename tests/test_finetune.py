@@ -1,0 +1,209 @@
+"""`lm finetune` end to end: starting weights, freezing, LoRA export, resume, mesh parity."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+from conftest import tiny_model
+from flax import nnx
+
+from lm.config import (
+    Config,
+    ConfigError,
+    DataConfig,
+    FinetuneConfig,
+    MeshConfig,
+    OptimConfig,
+    load_config,
+)
+from lm.data.tokenizer import train_tokenizer
+from lm.finetune import copy_backbone, finetune
+from lm.model import Transformer
+from lm.parallel import batch_sharding, make_mesh
+from lm.runs import build_model, load_run, write_params_run
+from lm.train.objectives import SequenceClassification
+from lm.train.optim import make_optimizer
+from lm.train.state import plan_train_state
+from lm.train.step import make_train_step
+
+VOCAB = 300
+WORDS = ["the", "king", "queen", "and", "of", "to", "my", "lord", "is", "what", "thou"]
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    """(run dir of a 'pretrained' causal LM with its tokenizer, JSONL records of 3 classes)."""
+    root = tmp_path_factory.mktemp("finetune")
+    rng = np.random.default_rng(0)
+    records = []
+    for _ in range(96):
+        words = list(rng.choice(WORDS, 6))
+        label = ["king" in words, "queen" in words].count(True)  # 0, 1 or 2 royals
+        records.append({"text": " ".join(words), "label": ["none", "one", "both"][label]})
+    (root / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    run = root / "pretrained"
+    cfg = Config(model=_model(), data=DataConfig(seq_len=16))
+    with nnx.use_eager_sharding(False):
+        params = nnx.state(Transformer(cfg.model, rngs=nnx.Rngs(7)))
+    write_params_run(run, cfg, params)
+    texts = [r["text"] for r in records] * 4
+    train_tokenizer(texts, run / "tokenizer.model", VOCAB)
+    return run, root / "records.jsonl"
+
+
+def _model(**overrides):
+    return tiny_model(vocab_size=VOCAB, **overrides)
+
+
+def _config(tmp_path, pretrained, *overrides):
+    run, records = pretrained
+    return load_config(
+        None,
+        [
+            "model.vocab_size=300",
+            "model.d_model=32",
+            "model.num_layers=2",
+            "model.num_heads=4",
+            "model.num_kv_heads=2",
+            "model.d_ff=64",
+            "model.max_seq_len=16",
+            "data.seq_len=16",
+            "data.batch_size=8",
+            "data.validation_fraction=0.25",
+            "finetune.task=classification",
+            f"finetune.dataset={records}",
+            "finetune.labels=none,one,both",
+            f"finetune.init_from={run}",
+            f"train.run_dir={tmp_path / 'run'}",
+            "train.steps=6",
+            "train.eval_every=2",
+            "train.log_every=1",
+            "checkpoint.every=2",
+            "optim.warmup_steps=0",
+            *overrides,
+        ],
+    )
+
+
+def _leaves(state, prefix=()):
+    return {
+        p[len(prefix) :]: np.asarray(v.get_value())
+        for p, v in nnx.to_flat_state(state)
+        if p[: len(prefix)] == prefix
+    }
+
+
+def test_copy_backbone_copies_exactly_leaves_head_fresh_and_names_mismatches(pretrained):
+    source = load_run(pretrained[0]).params
+    f = FinetuneConfig(task="classification", dataset="x.jsonl", labels="a,b")
+    with nnx.use_eager_sharding(False):
+        fresh = nnx.state(build_model(Config(model=_model(), finetune=f), nnx.Rngs(0)))
+    copied = copy_backbone(fresh, source, ("backbone",), "RUN")
+    src = _leaves(source)
+    assert _leaves(copied, ("backbone",)).keys() == src.keys()
+    for path, value in _leaves(copied, ("backbone",)).items():
+        np.testing.assert_array_equal(value, src[path])
+    for path, value in _leaves(fresh, ("head",)).items():
+        np.testing.assert_array_equal(_leaves(copied, ("head",))[path], value)
+    # A task run's params hold the backbone under 'backbone': the same weights come out.
+    again = copy_backbone(fresh, copied, ("backbone",), "RUN")
+    np.testing.assert_array_equal(
+        np.asarray(again["backbone"]["embed"].get_value()), src[("embed",)]
+    )
+
+    with nnx.use_eager_sharding(False):
+        wider = nnx.state(build_model(Config(model=_model(d_ff=96), finetune=f), nnx.Rngs(0)))
+    with pytest.raises(
+        ConfigError,
+        match=r"init_from RUN: parameter 'blocks/mlp/w_down' has "
+        r"shape \(2, 64, 32\) in the checkpoint but \(2, 96, 32\) in this config",
+    ):
+        copy_backbone(wider, source, ("backbone",), "RUN")
+
+
+def test_head_only_finetune_keeps_backbone_bit_identical_and_stops_early(tmp_path, pretrained):
+    cfg = _config(
+        tmp_path, pretrained, "finetune.trainable=head", "finetune.patience=1", "optim.lr=1e-7"
+    )
+    final = finetune(cfg)
+    run = load_run(tmp_path / "run")
+    assert run.step == 4  # eval @2 sets the best, eval @4 does not improve: stop (patience 1)
+    source = _leaves(load_run(pretrained[0]).params)
+    for path, value in _leaves(run.params, ("backbone",)).items():
+        np.testing.assert_array_equal(value, source[path])
+    with nnx.use_eager_sharding(False):
+        fresh = _leaves(nnx.state(build_model(cfg, nnx.Rngs(cfg.train.seed))), ("head",))
+    trained = _leaves(run.params, ("head",))
+    assert any(not np.array_equal(trained[p], fresh[p]) for p in fresh)
+    best = json.loads((tmp_path / "run" / "best" / "best.json").read_text())
+    assert best["step"] == 2 and best["metric"] == "accuracy"
+    assert load_run(tmp_path / "run" / "best").step == 2
+    assert {"validation/accuracy", "validation/macro_f1", "validation/loss"} <= final.keys()
+
+
+def test_lora_finetune_freezes_base_and_exports_an_equivalent_merged_run(tmp_path, pretrained):
+    cfg = _config(
+        tmp_path,
+        pretrained,
+        "finetune.lora_rank=2",
+        "finetune.lora_targets=wq,wv,w_up",
+        "train.steps=2",
+        "optim.lr=1e-2",
+    )
+    finetune(cfg)
+    adapted, merged = load_run(tmp_path / "run"), load_run(tmp_path / "run" / "merged")
+    source = _leaves(load_run(pretrained[0]).params)
+    for path, value in _leaves(adapted.params, ("base", "backbone")).items():
+        np.testing.assert_array_equal(value, source[path])
+    assert merged.config.finetune.lora_rank == 0
+    tokens = np.asarray(np.random.default_rng(0).integers(7, VOCAB, (2, 16)), np.int32)
+    lora_out = np.asarray(jax.jit(lambda p: nnx.merge(adapted.graphdef, p)(tokens))(adapted.params))
+    plain_out = np.asarray(jax.jit(lambda p: nnx.merge(merged.graphdef, p)(tokens))(merged.params))
+    np.testing.assert_allclose(plain_out, lora_out, atol=1e-5, rtol=1e-5)
+
+
+def test_resumed_finetune_matches_an_uninterrupted_one(tmp_path, pretrained):
+    finetune(_config(tmp_path / "a", pretrained, "train.steps=4"))
+    finetune(_config(tmp_path / "b", pretrained, "train.steps=4", "train.stop_at=2"))
+    finetune(_config(tmp_path / "b", pretrained, "train.steps=4"))
+    straight, resumed = load_run(tmp_path / "a" / "run"), load_run(tmp_path / "b" / "run")
+    assert straight.step == resumed.step == 4
+    b = _leaves(resumed.params)
+    for path, value in _leaves(straight.params).items():
+        np.testing.assert_array_equal(value, b[path])
+
+
+def test_finetune_step_on_mesh_222_matches_one_device(pretrained, tmp_path):
+    cfg = _config(tmp_path, pretrained, "finetune.pooling=mean", "finetune.class_weights=1,2,3")
+    rng = np.random.default_rng(0)
+    batch = {
+        "inputs": rng.integers(7, VOCAB, (8, 16)).astype(np.int32),
+        "segment_ids": (np.arange(16) < rng.integers(4, 17, (8, 1))).astype(np.int32),
+        "label": rng.integers(0, 3, 8).astype(np.int32),
+        "example_weights": np.ones(8, np.float32),
+    }
+    batch["positions"] = np.where(batch["segment_ids"], np.arange(16), 0).astype(np.int32)
+    objective = SequenceClassification(class_weights=(1.0, 2.0, 3.0), label_smoothing=0.1)
+    tx = make_optimizer(OptimConfig(lr=1e-2, warmup_steps=0), 10)
+    results = []
+    for shape in [(2, 2, 2), (1, 1, 1)]:
+        mesh = make_mesh(MeshConfig(*shape), jax.devices()[: int(np.prod(shape))])
+        with jax.set_mesh(mesh):
+            graphdef, _, shardings, init = plan_train_state(
+                lambda rngs: build_model(cfg, rngs), tx, mesh, 0
+            )
+            step = make_train_step(graphdef, tx, objective, shardings, grad_accum=2)
+            _, metrics = step(init(), jax.device_put(batch, batch_sharding(mesh)))
+            results.append(jax.device_get(metrics))
+    assert results[0]["loss"] == pytest.approx(results[1]["loss"], rel=1e-5)
+    assert results[0]["grad_norm"] == pytest.approx(results[1]["grad_norm"], rel=1e-5)
+
+
+def test_finetune_config_errors_name_the_fix(tmp_path, pretrained):
+    with pytest.raises(ConfigError, match="finetune.task is empty"):
+        finetune(_config(tmp_path, pretrained, "finetune.task="))
+    with pytest.raises(ConfigError, match="model.scan_layers=false"):
+        finetune(_config(tmp_path, pretrained, "finetune.trainable=last_k"))
+    with pytest.raises(ConfigError, match="finetune.metric must be one of"):
+        _config(tmp_path, pretrained, "finetune.metric=pearson")
