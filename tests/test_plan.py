@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import jax
 import pytest
 from conftest import tiny_model
 
 from lm.cli import main
-from lm.config import Config, DataConfig, MeshConfig
+from lm.config import Config, DataConfig, MeshConfig, load_config
 from lm.parallel import make_mesh
 from lm.plan import plan_memory
 from lm.runs import build_model
@@ -80,3 +81,11 @@ def test_activation_estimate_scales_with_tokens_and_tensor_parallelism():
     tensor = plan_memory(tiny_config(data=2, tensor=4), 8)
     assert tensor.tokens_per_device == 4 * one.tokens_per_device
     assert tensor.activations_no_remat < 4 * one.activations_no_remat
+
+
+@pytest.mark.parametrize(
+    "path", sorted(str(p) for p in Path(__file__).parent.parent.glob("configs/**/*.yaml"))
+)
+def test_every_shipped_config_has_a_memory_plan(path):
+    plan = plan_memory(load_config(path), 1)
+    assert plan.parameters > 0 and plan.total_full_remat <= plan.total_no_remat
