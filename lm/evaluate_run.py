@@ -17,12 +17,14 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import jax
+from etils import epath
 from tqdm import tqdm
 
 from lm.config import Config, ConfigError, load_config, to_dict, validate
 from lm.data.mlm import masked_eval_batches, masking_for, pseudo_perplexity_batches
 from lm.data.pipeline import eval_batches, rows_for, tokenize_documents
 from lm.data.sources import load_documents
+from lm.distributed import initialize, process_zero_first
 from lm.evaluate import evaluate_lm
 from lm.parallel import batch_sharding, make_mesh
 from lm.runs import load_run, read_run_config
@@ -49,8 +51,8 @@ def _slug(text: str) -> str:
 
 
 def _report_path(
-    run_dir: Path, cfg: Config, split: str, step: int, max_batches: int, pseudo: bool
-) -> Path:
+    run_dir: epath.Path, cfg: Config, split: str, step: int, max_batches: int, pseudo: bool
+) -> epath.Path:
     """RUN/eval/<source>-<split>-<layout>-L<seq_len>-step<N>[-first<B>][-pseudo].json"""
     d = cfg.data
     layout = f"window{d.stride or d.seq_len}" if d.packing == "window" else d.packing
@@ -81,7 +83,8 @@ def evaluate_run(
     `max_batches` > 0 stops early (a quick estimate). `mesh` defaults to `cfg.mesh`.
     """
     started = time.perf_counter()
-    run_dir = Path(run_dir)
+    initialize()  # joins a multi-host run when the environment asks for one
+    run_dir = epath.Path(run_dir)  # local or gs://
     validate(cfg, None if mesh is not None else jax.device_count())
     mesh = mesh or make_mesh(cfg.mesh)
     mlm = cfg.train.objective == "mlm"
@@ -97,8 +100,12 @@ def evaluate_run(
             "PATH to the SentencePiece model the run was trained with."
         )
     d = cfg.data
-    documents = load_documents(
-        d.source, d.data_dir, d.validation_fraction, d.text_key or None, d.text_unit
+    # Process 0 builds a local source's TFDS copy (if it needs one) before the others read it.
+    documents = process_zero_first(
+        "evaluate_data",
+        lambda: load_documents(
+            d.source, d.data_dir, d.validation_fraction, d.text_key or None, d.text_unit
+        ),
     )
     if split not in documents:
         raise ValueError(
@@ -152,7 +159,7 @@ def evaluate_run(
         "data": to_dict(cfg)["data"],
     }
     default = _report_path(run_dir, cfg, split, run.step, max_batches, pseudo_perplexity)
-    path = Path(output or default)
+    path = epath.Path(output or default)
     if jax.process_index() == 0:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(report, indent=2))
