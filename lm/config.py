@@ -477,6 +477,11 @@ def _validate_finetune(f: FinetuneConfig) -> None:
             f"finetune.num_labels={f.num_labels} but finetune.labels names "
             f"{len(f.label_names)}; give one name per label or leave num_labels at 0."
         )
+    if f.task == "text_to_text" and f.trainable == "head":
+        raise ConfigError(
+            "finetune.trainable=head needs a task head, but text_to_text trains the language "
+            "model itself; use trainable=all or last_k, or LoRA (finetune.lora_rank)."
+        )
     if f.trainable == "last_k" and f.last_k < 1:
         raise ConfigError(f"finetune.last_k must be at least 1, got {f.last_k}.")
     if f.lora_rank and f.lora_alpha <= 0:

@@ -419,7 +419,7 @@ class BestCheckpoint:
     restart through `best.json`.
     """
 
-    def __init__(self, run_dir: Path, cfg: Config):
+    def __init__(self, run_dir: Path, cfg: Config, tokenizer: Tokenizer):
         self.directory = run_dir / "best"
         f = cfg.finetune
         self.metric = f.metric or FINETUNE_METRICS[f.task][0]
@@ -436,6 +436,7 @@ class BestCheckpoint:
             (self.directory / "config.yaml").write_text(
                 yaml.safe_dump(to_dict(cfg), sort_keys=False)
             )
+            shutil.copyfile(tokenizer.path, self.directory / "tokenizer.model")
 
     def update(self, step: int, state: TrainState, results: dict[str, float]) -> None:
         """Save `state`'s params if `results` improve on the best so far."""
@@ -497,7 +498,7 @@ def finetune(cfg: Config) -> dict[str, float]:
     tx = make_optimizer(cfg.optim, cfg.train.steps)
     if (trainable := trainable_names(cfg)) is not None:
         tx = freeze(tx, trainable)
-    best = BestCheckpoint(run_dir, cfg)
+    best = BestCheckpoint(run_dir, cfg, tokenizer)
     peak = peak_flops(jax.devices())  # measured outside the mesh context
     with jax.set_mesh(mesh):
         graphdef, abstract, shardings, init = plan_train_state(

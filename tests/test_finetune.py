@@ -18,12 +18,12 @@ from lm.config import (
     load_config,
 )
 from lm.data.tokenizer import train_tokenizer
-from lm.finetune import copy_backbone, finetune
+from lm.finetune import copy_backbone, finetune, trainable_names
 from lm.model import Transformer
 from lm.parallel import batch_sharding, make_mesh
 from lm.runs import build_model, load_run, write_params_run
 from lm.train.objectives import SequenceClassification
-from lm.train.optim import make_optimizer
+from lm.train.optim import freeze, make_optimizer, trainable_mask
 from lm.train.state import plan_train_state
 from lm.train.step import make_train_step
 
@@ -142,6 +142,7 @@ def test_head_only_finetune_keeps_backbone_bit_identical_and_stops_early(tmp_pat
     assert {"validation/accuracy", "validation/macro_f1", "validation/loss"} <= final.keys()
 
 
+@pytest.mark.slow  # a whole LoRA fine-tuning run and export
 def test_lora_finetune_freezes_base_and_exports_an_equivalent_merged_run(tmp_path, pretrained):
     cfg = _config(
         tmp_path,
@@ -163,6 +164,7 @@ def test_lora_finetune_freezes_base_and_exports_an_equivalent_merged_run(tmp_pat
     np.testing.assert_allclose(plain_out, lora_out, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow  # three whole fine-tuning runs
 def test_resumed_finetune_matches_an_uninterrupted_one(tmp_path, pretrained):
     finetune(_config(tmp_path / "a", pretrained, "train.steps=4"))
     finetune(_config(tmp_path / "b", pretrained, "train.steps=4", "train.stop_at=2"))
@@ -207,3 +209,28 @@ def test_finetune_config_errors_name_the_fix(tmp_path, pretrained):
         finetune(_config(tmp_path, pretrained, "finetune.trainable=last_k"))
     with pytest.raises(ConfigError, match="finetune.metric must be one of"):
         _config(tmp_path, pretrained, "finetune.metric=pearson")
+    with pytest.raises(ConfigError, match="text_to_text trains the language model itself"):
+        _config(tmp_path, pretrained, "finetune.task=text_to_text", "finetune.trainable=head")
+
+
+def test_last_k_trains_last_blocks_final_norm_and_head_and_frozen_get_no_adam_state():
+    f = FinetuneConfig(
+        task="classification", dataset="x.jsonl", labels="a,b", trainable="last_k", last_k=1
+    )
+    cfg = Config(model=tiny_model(scan_layers=False, tie_embeddings=False), finetune=f)
+    with nnx.use_eager_sharding(False):
+        params = nnx.state(build_model(cfg, nnx.Rngs(0)))
+    names = trainable_names(cfg)
+    mask = {
+        "/".join(map(str, p[:-1])): bool(m)
+        for p, m in jax.tree_util.tree_flatten_with_path(trainable_mask(params, names))[0]
+        for p in [[getattr(k, "key", getattr(k, "name", k)) for k in p]]
+    }
+    trained = sorted(k for k, m in mask.items() if m)
+    assert trained == sorted(
+        [k for k in mask if k.startswith(("backbone/blocks/1/", "backbone/final_norm", "head/"))]
+    )
+    assert not mask["backbone/embed"] and not mask["backbone/unembed"]
+    opt_state = freeze(make_optimizer(OptimConfig(), 10), names).init(params)
+    moments = [x for x in jax.tree.leaves(opt_state) if getattr(x, "ndim", 0) > 0]
+    assert len(moments) == 2 * len(trained)  # Adam's mu and nu for trainable params only
