@@ -85,6 +85,12 @@ def evaluate_run(
     started = time.perf_counter()
     initialize()  # joins a multi-host run when the environment asks for one
     run_dir = epath.Path(run_dir)  # local or gs://
+    if cfg.finetune.task not in ("", "text_to_text"):
+        raise ValueError(
+            f"{run_dir} is a finetune.task={cfg.finetune.task} run, whose model outputs task "
+            "predictions, not tokens; lm evaluate scores language models (its task metrics are "
+            "in the run's final_eval.json)."
+        )
     validate(cfg, None if mesh is not None else jax.device_count())
     mesh = mesh or make_mesh(cfg.mesh)
     mlm = cfg.train.objective == "mlm"

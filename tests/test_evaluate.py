@@ -1,5 +1,6 @@
 """`lm evaluate` on causal runs: strided perplexity, bits-per-byte, mesh invariance, errors."""
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -196,3 +197,7 @@ def test_evaluate_errors_name_the_problem(causal_run, tmp_path, capsys):
     assert "has no 'test' split; choose one of ['train', 'validation']" in capsys.readouterr().err
     assert main(["evaluate", "--run", str(causal_run), "data.seq_len=64"]) == 2
     assert "data.seq_len=64 is longer than model.max_seq_len=16" in capsys.readouterr().err
+    classifier = evaluation_config(causal_run)
+    classifier.finetune = dataclasses.replace(classifier.finetune, task="classification")
+    with pytest.raises(ValueError, match="not tokens; lm evaluate scores language models"):
+        evaluate_run(causal_run, classifier)
