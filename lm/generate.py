@@ -168,6 +168,11 @@ class Generator:
         self.mesh = mesh
         self.cfg = model.cfg
         self.max_len = max_len or model.cfg.max_seq_len
+        if model.cfg.position == "learned" and self.max_len > model.cfg.max_seq_len:
+            raise ValueError(
+                f"max_len={self.max_len} exceeds the {model.cfg.max_seq_len} positions this "
+                "model learned; pass max_len <= model.max_seq_len."
+            )
         self.graphdef, self.params = nnx.split(model)
         self.compiles = 0  # traces of the jitted functions: each is one XLA compilation
         self._prefill = jax.jit(self._prefill_fn, static_argnames=("slots",))
