@@ -9,8 +9,10 @@ data. Where the request comes from, first match wins:
 3. SLURM with more than one task (`SLURM_NTASKS` > 1): JAX's own SLURM detection;
 4. a Cloud TPU VM (TPU chips on the PCI bus): JAX's own TPU detection, no arguments.
 
-Anything else is a single-process run, which never calls `jax.distributed`. `LM_HEARTBEAT_S`
-and `LM_SHUTDOWN_TIMEOUT_S` shorten how long survivors wait for a dead peer (JAX: 100 s, 300 s).
+Anything else is a single-process run, which never calls `jax.distributed`; a one-host TPU VM
+joins as a one-process run, as Google recommends for TPUs. `LM_DISTRIBUTED=off` turns the
+automatic detection (3 and 4) off. `LM_HEARTBEAT_S` and `LM_SHUTDOWN_TIMEOUT_S` shorten how
+long survivors wait for a dead peer (JAX: 100 s, 300 s).
 """
 
 from __future__ import annotations
@@ -91,6 +93,8 @@ def resolve(
             _int_var(env, ENV_PROCESS_ID),
             **timeouts,
         )
+    elif env.get("LM_DISTRIBUTED") == "off":
+        return None
     elif int(env.get("SLURM_NTASKS", "1")) > 1:
         return DistributedSpec("slurm", **timeouts)
     elif _tpu_vm_present() if tpu_present is None else tpu_present:

@@ -130,6 +130,8 @@ def test_multi_host_requests_come_from_flags_then_env_then_slurm_then_tpu():
     assert resolve(env=env) == DistributedSpec("env", "10.0.0.1:1234", 4, 3, 7, 300)
     assert resolve(env={"SLURM_NTASKS": "8"}, tpu_present=True).source == "slurm"
     assert resolve(env={}, tpu_present=True) == DistributedSpec("tpu")
+    off = {"LM_DISTRIBUTED": "off", "SLURM_NTASKS": "8"}
+    assert resolve(env=off, tpu_present=True) is None
 
 
 @pytest.mark.parametrize(
