@@ -183,16 +183,12 @@ def test_killed_process_stops_the_others_quickly_and_the_run_resumes(workspace, 
     overrides = ("train.steps=100000", "checkpoint.every=3")
     procs = []
     for i in range(2):
-        env = _env(1, 4) | {
-            "LM_COORDINATOR": f"127.0.0.1:{port}",
-            "LM_NUM_PROCESSES": "2",
-            "LM_PROCESS_ID": str(i),
-            "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo",
-        }
+        # Started by hand with the explicit flags (launch/local.sh uses the LM_* variables).
+        flags = ["--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id"]
         procs.append(
             subprocess.Popen(
-                _pretrain_cmd(workspace, run_dir, *overrides),
-                env=env,
+                [*_pretrain_cmd(workspace, run_dir, *overrides), *flags, str(i)],
+                env=_env(1, 4),
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
                 text=True,
