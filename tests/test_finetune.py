@@ -234,3 +234,20 @@ def test_last_k_trains_last_blocks_final_norm_and_head_and_frozen_get_no_adam_st
     opt_state = freeze(make_optimizer(OptimConfig(), 10), names).init(params)
     moments = [x for x in jax.tree.leaves(opt_state) if getattr(x, "ndim", 0) > 0]
     assert len(moments) == 2 * len(trained)  # Adam's mu and nu for trainable params only
+
+
+@pytest.mark.slow  # a whole SFT run with greedy decoding
+def test_text_to_text_finetune_scores_greedy_answers(tmp_path, pretrained):
+    cfg = _config(
+        tmp_path,
+        pretrained,
+        "finetune.task=text_to_text",
+        "finetune.labels=",
+        "finetune.max_new_tokens=4",
+        "finetune.generate_examples=8",
+        "train.steps=2",
+    )
+    final = finetune(cfg)
+    assert {"validation/exact_match", "validation/token_f1", "validation/loss"} <= final.keys()
+    assert 0.0 <= final["validation/token_f1"] <= 1.0
+    assert load_run(tmp_path / "run").step == 2
