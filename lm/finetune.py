@@ -526,7 +526,8 @@ def finetune(cfg: Config) -> dict[str, float]:
                     state.params, source.params, backbone_prefix(cfg), f.init_from
                 )
                 state = state.replace(params=params)
-                writer.print(f"backbone from {f.init_from} (step {source.step}); head fresh")
+                fresh = "; head fresh" if backbone_prefix(cfg)[-1:] == ("backbone",) else ""
+                writer.print(f"backbone from {f.init_from} (step {source.step}){fresh}")
 
         objective = make_objective(cfg, train)
         dropout_seed = cfg.train.seed + 1 if cfg.model.dropout or f.head_dropout else None
