@@ -8,6 +8,7 @@ import pytest
 from conftest import tiny_model
 from flax import nnx
 
+from lm.cli import main
 from lm.config import (
     Config,
     ConfigError,
@@ -202,7 +203,7 @@ def test_finetune_step_on_mesh_222_matches_one_device(pretrained, tmp_path):
     assert results[0]["grad_norm"] == pytest.approx(results[1]["grad_norm"], rel=1e-5)
 
 
-def test_finetune_config_errors_name_the_fix(tmp_path, pretrained):
+def test_finetune_config_errors_name_the_fix(tmp_path, pretrained, capsys):
     with pytest.raises(ConfigError, match="finetune.task is empty"):
         finetune(_config(tmp_path, pretrained, "finetune.task="))
     with pytest.raises(ConfigError, match="model.scan_layers=false"):
@@ -211,6 +212,8 @@ def test_finetune_config_errors_name_the_fix(tmp_path, pretrained):
         _config(tmp_path, pretrained, "finetune.metric=pearson")
     with pytest.raises(ConfigError, match="text_to_text trains the language model itself"):
         _config(tmp_path, pretrained, "finetune.task=text_to_text", "finetune.trainable=head")
+    assert main(["finetune", "finetune.task=classification"]) == 2  # no dataset: usage error
+    assert "finetune.dataset is empty" in capsys.readouterr().err
 
 
 def test_last_k_trains_last_blocks_final_norm_and_head_and_frozen_get_no_adam_state():
