@@ -69,9 +69,10 @@ class DecodeState:
     key: jax.Array
 
 
-def bucket(n: int) -> int:
-    """The static length a dimension of size `n` is padded to: a power of two, at least 16."""
-    return max(_MIN_BUCKET, 1 << math.ceil(math.log2(max(n, 1))))
+def bucket(n: int, minimum: int = _MIN_BUCKET) -> int:
+    """The static size a dimension of size `n` is padded to: a power of two, at least `minimum`
+    (16 for lengths; 1 for the batch)."""
+    return max(minimum, 1 << math.ceil(math.log2(max(n, 1))))
 
 
 def penalize_repeats(logits_BxV: jax.Array, seen_BxV: jax.Array, penalty: jax.Array) -> jax.Array:
@@ -83,13 +84,15 @@ def penalize_repeats(logits_BxV: jax.Array, seen_BxV: jax.Array, penalty: jax.Ar
 def filter_logits(logits_BxV: jax.Array, top_k: jax.Array, top_p: jax.Array, min_p: jax.Array):
     """Logits with every token outside the top-k, the top-p nucleus or the min-p set at -inf.
 
-    top_k = 0, top_p = 1 and min_p = 0 each disable their filter; the most likely token always
-    survives. Ties at a cut-off are kept.
+    The filters compose as Hugging Face's logits warpers (top-k, then top-p on the top-k's
+    renormalized distribution, then min-p). top_k = 0, top_p = 1 and min_p = 0 each disable
+    their filter; the most likely token always survives. Ties at a cut-off are kept.
     """
     sorted_BxV = jnp.flip(jnp.sort(logits_BxV, axis=-1), axis=-1)
     vocab = logits_BxV.shape[-1]
     k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)
     kth_Bx1 = jnp.take(sorted_BxV, k - 1, axis=-1)[:, None]
+    sorted_BxV = jnp.where(sorted_BxV >= kth_Bx1, sorted_BxV, -jnp.inf)
     probs_BxV = jax.nn.softmax(sorted_BxV, axis=-1)
     # Nucleus: a token stays while the mass strictly before it is below top_p.
     mass_before_BxV = jnp.cumsum(probs_BxV, axis=-1) - probs_BxV
@@ -121,15 +124,53 @@ def _token_logprobs(logits_BxV: jax.Array, tokens_B: jax.Array) -> jax.Array:
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class _BeamState:
-    """Beam search bookkeeping per prompt (B) and beam (N) over T generated positions."""
+class _Beams:
+    """N hypotheses per prompt (B) over T generated positions, best first."""
 
-    scores_BxN: jax.Array  # summed log-probabilities
-    done_BxN: jax.Array
-    lengths_BxN: jax.Array  # tokens before EOS
+    scores_BxN: jax.Array  # running: summed log-probs; finished: length-penalized, -inf = empty
+    lengths_BxN: jax.Array  # generated tokens, EOS included
     tokens_BxNxT: jax.Array
-    logprobs_BxNxT: jax.Array
+    logprobs_BxNxT: jax.Array  # each token's log-probability under the model
+
+    @classmethod
+    def empty(cls, batch: int, num_beams: int, steps: int, scores_BxN: jax.Array) -> _Beams:
+        return cls(
+            scores_BxN=scores_BxN,
+            lengths_BxN=jnp.zeros((batch, num_beams), jnp.int32),
+            tokens_BxNxT=jnp.full((batch, num_beams, steps), PAD_ID, jnp.int32),
+            logprobs_BxNxT=jnp.zeros((batch, num_beams, steps), jnp.float32),
+        )
+
+    def take(self, index_BxK: jax.Array) -> _Beams:
+        """Hypotheses `index_BxK` of every prompt."""
+        pick = lambda x: jnp.take_along_axis(  # noqa: E731
+            x, index_BxK.reshape(index_BxK.shape + (1,) * (x.ndim - 2)), axis=1
+        )
+        return jax.tree.map(pick, self)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class _BeamSearch:
+    """Hugging Face's beam search state: the running beams that are extended, the best finished
+    hypotheses, and whether each prompt may still improve them."""
+
+    running: _Beams
+    finished: _Beams
+    open_B: jax.Array
     step: jax.Array
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class _BeamOptions:
+    """Beam search settings as device scalars, so changing them never recompiles."""
+
+    length_penalty: jax.Array
+    repetition_penalty: jax.Array
+    stop_when_full: jax.Array  # early_stopping=True
+    assume_longest: jax.Array  # early_stopping="never"
+    steps: jax.Array  # decode steps of this call (the last one ends every beam)
 
 
 @dataclasses.dataclass
@@ -230,40 +271,72 @@ class Generator:
         )
         return state, tokens_B, logprobs_B
 
-    def _beam_step_fn(self, params, state: DecodeState, beams: _BeamState):
-        """Extend every beam by one token and keep the `num_beams` best per prompt by summed
-        log-probability; finished beams (EOS) carry over unchanged."""
+    def _beam_step_fn(self, params, state: DecodeState, search: _BeamSearch, options: _BeamOptions):
+        """One step of Hugging Face's beam search (`GenerationMixin._beam_search`): extend the
+        running beams, move the best candidates that end (EOS, or the last step) into the
+        finished set scored by summed log-prob / length ** length_penalty, continue with the
+        best N that did not end, and close prompts that can no longer improve."""
         self.compiles += 1
         model = nnx.merge(self.graphdef, params)
-        prompts, num_beams = beams.scores_BxN.shape
+        prompts, num_beams = search.open_B.shape[0], search.running.scores_BxN.shape[1]
         vocab = state.logits_BxV.shape[-1]
-        logp_BxNxV = jax.nn.log_softmax(state.logits_BxV, -1).reshape(prompts, num_beams, vocab)
-        only_pad_V = jnp.where(jnp.arange(vocab) == PAD_ID, 0.0, -jnp.inf)
-        logp_BxNxV = jnp.where(beams.done_BxN[..., None], only_pad_V, logp_BxNxV)
-        total_BxNV = (beams.scores_BxN[..., None] + logp_BxNxV).reshape(prompts, -1)
-        scores_BxN, flat_BxN = jax.lax.top_k(total_BxNV, num_beams)
-        parent_BxN, tokens_BxN = flat_BxN // vocab, (flat_BxN % vocab).astype(jnp.int32)
-        pick = lambda x: jnp.take_along_axis(x, parent_BxN, axis=1)  # noqa: E731
-        parent_done_BxN = pick(beams.done_BxN)
-        history_BxNxT = jnp.take_along_axis(beams.tokens_BxNxT, parent_BxN[..., None], axis=1)
-        history_BxNxT = history_BxNxT.at[:, :, beams.step].set(tokens_BxN)
-        logps_BxNxT = jnp.take_along_axis(beams.logprobs_BxNxT, parent_BxN[..., None], axis=1)
-        token_logp_BxN = jnp.take_along_axis(logp_BxNxV.reshape(prompts, -1), flat_BxN, axis=1)
-        logps_BxNxT = logps_BxNxT.at[:, :, beams.step].set(token_logp_BxN)
-        rows = (jnp.arange(prompts)[:, None] * num_beams + parent_BxN).reshape(-1)
-        state = dataclasses.replace(state, cache=state.cache.select_rows(rows))
-        logits_BxV, cache = self._forward_one(model, state, tokens_BxN.reshape(-1))
-        beams = _BeamState(
-            scores_BxN=scores_BxN,
-            done_BxN=parent_done_BxN | (tokens_BxN == EOS_ID),
-            lengths_BxN=pick(beams.lengths_BxN)
-            + (~parent_done_BxN & (tokens_BxN != EOS_ID)).astype(jnp.int32),
-            tokens_BxNxT=history_BxNxT,
-            logprobs_BxNxT=logps_BxNxT,
-            step=beams.step + 1,
+        logp_BxV = jax.nn.log_softmax(state.logits_BxV, -1)
+        # Like HF, beam search applies the repetition penalty to log-probabilities.
+        scored_BxV = penalize_repeats(logp_BxV, state.seen_BxV, options.repetition_penalty)
+        total_BxNV = (
+            search.running.scores_BxN[..., None] + scored_BxV.reshape(prompts, num_beams, vocab)
+        ).reshape(prompts, -1)
+        # 2N candidates: even if N of them end in EOS, N remain to continue.
+        scores_BxC, flat_BxC = jax.lax.top_k(total_BxNV, 2 * num_beams)
+        parent_BxC, tokens_BxC = flat_BxC // vocab, (flat_BxC % vocab).astype(jnp.int32)
+        parents = search.running.take(parent_BxC)
+        candidates = _Beams(
+            scores_BxN=scores_BxC,
+            lengths_BxN=parents.lengths_BxN + 1,
+            tokens_BxNxT=parents.tokens_BxNxT.at[:, :, search.step].set(tokens_BxC),
+            logprobs_BxNxT=parents.logprobs_BxNxT.at[:, :, search.step].set(
+                jnp.take_along_axis(logp_BxV.reshape(prompts, -1), flat_BxC, axis=1)
+            ),
         )
+        ends_BxC = (tokens_BxC == EOS_ID) | (search.step == options.steps - 1)
+
+        _, keep_BxN = jax.lax.top_k(jnp.where(ends_BxC, -jnp.inf, scores_BxC), num_beams)
+        running = candidates.take(keep_BxN)
+
+        length = (search.step + 1).astype(jnp.float32)
+        was_full_B = jnp.all(jnp.isfinite(search.finished.scores_BxN), axis=-1)
+        accepting_B = search.open_B & ~(options.stop_when_full & was_full_B)
+        # Only the best N candidates may finish; the other N are spares for the running set.
+        new_BxC = ends_BxC & (jnp.arange(2 * num_beams) < num_beams) & accepting_B[:, None]
+        ended = dataclasses.replace(
+            candidates,
+            scores_BxN=jnp.where(new_BxC, scores_BxC / length**options.length_penalty, -jnp.inf),
+        )
+        merged = jax.tree.map(lambda a, b: jnp.concatenate([a, b], axis=1), search.finished, ended)
+        finished = merged.take(jax.lax.top_k(merged.scores_BxN, num_beams)[1])
+
+        # HF's early_stopping=False heuristic: a prompt stays open while its best running beam,
+        # scored at its current length (with "never" and length_penalty > 0: at the longest),
+        # beats its worst finished hypothesis (or the finished set is not full yet).
+        assume_longest = options.assume_longest & (options.length_penalty > 0)
+        best_length = jnp.where(assume_longest, options.steps.astype(jnp.float32), length)
+        best_possible_B = running.scores_BxN[:, 0] / best_length**options.length_penalty
+        worst_B = jnp.min(finished.scores_BxN, axis=-1)
+        full_B = jnp.all(jnp.isfinite(finished.scores_BxN), axis=-1)
+        open_B = search.open_B & (~full_B | (best_possible_B > worst_B))
+        search = _BeamSearch(running, finished, open_B, search.step + 1)
+
+        rows = (
+            jnp.arange(prompts)[:, None] * num_beams
+            + jnp.take_along_axis(parent_BxC, keep_BxN, axis=1)
+        ).reshape(-1)
+        tokens_R = running.tokens_BxNxT[:, :, search.step - 1].reshape(-1)
+        seen_RxV = state.seen_BxV[rows].at[jnp.arange(rows.shape[0]), tokens_R].set(True)
+        state = dataclasses.replace(state, cache=state.cache.select_rows(rows), seen_BxV=seen_RxV)
+        logits_BxV, cache = self._forward_one(model, state, tokens_R)
         state = dataclasses.replace(state, cache=cache, logits_BxV=logits_BxV, slot=state.slot + 1)
-        return state, beams
+        searching = jnp.any(open_B & ~(options.stop_when_full & full_B))
+        return state, search, searching
 
     # ---- public API ---------------------------------------------------------------------
 
@@ -297,6 +370,7 @@ class Generator:
         repetition_penalty: float = 1.0,
         num_beams: int = 1,
         length_penalty: float = 1.0,
+        early_stopping: bool | str = False,
         stop: Sequence[str] = (),
         seed: int = 0,
         on_token: Callable[[int, str], None] | None = None,
@@ -306,11 +380,12 @@ class Generator:
 
         temperature 0 is greedy decoding; otherwise tokens are drawn (reproducibly for a given
         `seed`) after the repetition penalty, temperature, top-k, top-p and min-p filters.
-        num_beams > 1 runs beam search (deterministic; final beams ranked by summed log-prob /
-        length ** length_penalty). A row stops at EOS, at the first of the `stop` strings (the
-        text is cut right before it), or after max_new_tokens or the context (`max_len`) is
-        full; the batch generates at most max_len - (longest prompt) tokens. `on_token(row,
-        text)` receives each row's new text as soon as it is known (with beams: at the end).
+        num_beams > 1 runs Hugging Face's beam search (see `beam_search`; length_penalty and
+        early_stopping as in HF, repetition_penalty on log-probs). A row stops at EOS, at the
+        first of the `stop` strings (the text is cut right before it), or after max_new_tokens
+        or the context (`max_len`) is full; the batch generates at most max_len - (longest
+        prompt) tokens. `on_token(row, text)` receives each row's new text as soon as it is known
+        (with beams: at the end).
         Prompts longer than the context raise ValueError unless `truncate_prompt` keeps their
         last max_len - 1 tokens.
         """
@@ -325,6 +400,8 @@ class Generator:
                 max_new_tokens=max_new_tokens,
                 num_beams=num_beams,
                 length_penalty=length_penalty,
+                early_stopping=early_stopping,
+                repetition_penalty=repetition_penalty,
                 stop=stop,
                 on_token=on_token,
                 truncate_prompt=truncate_prompt,
@@ -387,8 +464,9 @@ class Generator:
                 raise ValueError(message + ".")
 
     def _pack(self, prompts: list[list[int]], max_new_tokens: int, truncate: bool):
-        """Left-padded [B, P] prompt tokens (P bucketed), padding per row, cache slots (bucketed)
-        and the number of decode steps."""
+        """Left-padded [B, P] prompt tokens, padding per row, cache slots and the number of decode
+        steps. P and the slots are bucketed, and so is B: dummy rows (a lone BOS) fill the batch
+        to a power of two, so varying batch sizes share compilations; their output is dropped."""
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}.")
         prompts = self._fit_prompts(prompts, truncate)
@@ -396,6 +474,7 @@ class Generator:
         steps = min(max_new_tokens, self.max_len - longest)
         length = bucket(longest)
         slots = bucket(length + steps)
+        prompts = prompts + [[BOS_ID]] * (bucket(len(prompts), minimum=1) - len(prompts))
         tokens_BxP = np.full((len(prompts), length), PAD_ID, np.int32)
         pads_B = np.array([length - len(p) for p in prompts], np.int32)
         for row, prompt in enumerate(prompts):
@@ -476,26 +555,46 @@ class Generator:
         max_new_tokens: int,
         num_beams: int,
         length_penalty: float = 1.0,
+        early_stopping: bool | str = False,
+        repetition_penalty: float = 1.0,
         stop: Sequence[str] = (),
         on_token: Callable[[int, str], None] | None = None,
         truncate_prompt: bool = False,
     ) -> list[Completion]:
-        """Beam search: keep the `num_beams` continuations of highest summed log-probability
-        (a beam that emits EOS is kept as it is), then return each prompt's beam with the best
-        summed log-prob / length ** length_penalty. Stop strings cut the chosen beam."""
+        """Beam search as Hugging Face's `generate(num_beams=..., length_penalty=...,
+        early_stopping=...)`: a hypothesis that emits EOS (or reaches the last step) joins its
+        prompt's N best finished ones, scored by summed log-prob / generated length (EOS
+        included) ** length_penalty; the search goes on with the best N beams that did not end
+        until `early_stopping` says no running beam can improve the finished set (False: HF's
+        heuristic at the current length; True: as soon as N are finished; "never": at the longest
+        length when length_penalty > 0). Returns each prompt's best finished hypothesis; stop
+        strings then cut it."""
         if stop:
             self._need_tokenizer("stop strings")
         if num_beams < 1:
             raise ValueError(f"num_beams must be at least 1, got {num_beams}.")
+        if early_stopping not in (False, True, "never"):
+            raise ValueError(
+                f"early_stopping must be False, True or 'never', got {early_stopping!r}."
+            )
         tokens_BxP, pads_B, slots, steps = self._pack(prompts, max_new_tokens, truncate_prompt)
         batch = tokens_BxP.shape[0]
-        beams = _BeamState(
-            # Only the first beam is live at the start: the others would duplicate it.
-            scores_BxN=jnp.tile(jnp.where(jnp.arange(num_beams) == 0, 0.0, -jnp.inf), (batch, 1)),
-            done_BxN=jnp.zeros((batch, num_beams), bool),
-            lengths_BxN=jnp.zeros((batch, num_beams), jnp.int32),
-            tokens_BxNxT=jnp.full((batch, num_beams, steps), PAD_ID, jnp.int32),
-            logprobs_BxNxT=jnp.zeros((batch, num_beams, steps), jnp.float32),
+        options = _BeamOptions(
+            length_penalty=jnp.float32(length_penalty),
+            repetition_penalty=jnp.float32(repetition_penalty),
+            stop_when_full=jnp.bool_(early_stopping is True),
+            assume_longest=jnp.bool_(early_stopping == "never"),
+            steps=jnp.int32(steps),
+        )
+        # Only the first beam is live at the start: the others would duplicate it.
+        first_only_BxN = jnp.tile(jnp.where(jnp.arange(num_beams) == 0, 0.0, -jnp.inf), (batch, 1))
+        history = bucket(steps)  # a static length for the token history, as for the cache
+        search = _BeamSearch(
+            running=_Beams.empty(batch, num_beams, history, first_only_BxN),
+            finished=_Beams.empty(
+                batch, num_beams, history, jnp.full((batch, num_beams), -jnp.inf)
+            ),
+            open_B=jnp.arange(batch) < len(prompts),  # dummy rows never finish anything
             step=jnp.int32(0),
         )
         with self._mesh_context():
@@ -506,27 +605,27 @@ class Generator:
                 jax.random.key(0),
                 slots=slots,
             )
+            searching = None
             for _ in range(steps):
-                state, beams = self._beam_step(self.params, state, beams)
-            scores, lengths, tokens, logprobs, done = jax.device_get(
-                (
-                    beams.scores_BxN,
-                    beams.lengths_BxN,
-                    beams.tokens_BxNxT,
-                    beams.logprobs_BxNxT,
-                    beams.done_BxN,
-                )
+                # Read the previous step's flag while this one computes.
+                previous = searching
+                state, search, searching = self._beam_step(self.params, state, search, options)
+                if previous is not None and not previous:
+                    break
+            best = search.finished.take(jnp.zeros((batch, 1), jnp.int32))
+            lengths, tokens, logprobs = jax.device_get(
+                (best.lengths_BxN[:, 0], best.tokens_BxNxT[:, 0], best.logprobs_BxNxT[:, 0])
             )
-        ranked = scores / np.maximum(lengths, 1) ** length_penalty
         completions = []
-        for index in range(batch):
-            best = int(np.argmax(ranked[index]))
-            n = int(lengths[index, best])
+        for index in range(len(prompts)):
+            n = int(lengths[index])
+            ended = n > 0 and tokens[index, n - 1] == EOS_ID
+            kept = n - 1 if ended else n
             row = _Row(
                 limit=steps,
-                tokens=[int(t) for t in tokens[index, best, :n]],
-                logprobs=[float(x) for x in logprobs[index, best, :n]],
-                finish_reason="eos" if done[index, best] else "length",
+                tokens=[int(t) for t in tokens[index, :kept]],
+                logprobs=[float(x) for x in logprobs[index, :kept]],
+                finish_reason="eos" if ended else "length",
             )
             self._update_text(index, row, stop, on_token)
             completions.append(self._completion(row))
