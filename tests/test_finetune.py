@@ -165,7 +165,6 @@ def test_lora_finetune_freezes_base_and_exports_an_equivalent_merged_run(tmp_pat
     np.testing.assert_allclose(plain_out, lora_out, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.slow  # three whole fine-tuning runs
 def test_resumed_finetune_matches_an_uninterrupted_one(tmp_path, pretrained):
     finetune(_config(tmp_path / "a", pretrained, "train.steps=4"))
     finetune(_config(tmp_path / "b", pretrained, "train.steps=4", "train.stop_at=2"))
