@@ -45,7 +45,7 @@ from lm.train.checkpoint import Checkpointer
 from lm.train.loop import LoopSettings, run_loop
 from lm.train.metrics import MetricsWriter
 from lm.train.objectives import CausalLM, Regression, SequenceClassification, TokenClassification
-from lm.train.optim import freeze, make_optimizer
+from lm.train.optim import freeze, make_optimizer, trainable_mask
 from lm.train.state import TrainState, plan_train_state
 from lm.train.step import make_eval_step, make_train_step
 
@@ -253,6 +253,25 @@ def make_objective(cfg: Config, train: dict[str, np.ndarray]):
         std_T = np.maximum(target_NxT.std(0), 1e-6)
         return Regression(tuple(map(float, target_NxT.mean(0))), tuple(map(float, std_T)))
     return CausalLM()
+
+
+@dataclasses.dataclass(frozen=True)
+class FrozenNoGradient:
+    """`objective` with gradients stopped at frozen parameters.
+
+    The optimizer already ignores them (`freeze`); stopping the gradient as well lets XLA skip
+    their backward pass (with a frozen backbone, everything below the head) and keeps the
+    reported gradient norm to the parameters that train.
+    """
+
+    objective: object
+    trainable: Callable[[list[str]], bool]
+
+    def loss(self, model, batch, dropout_key=None, evaluating: bool = False):
+        graphdef, params = nnx.split(model)
+        mask = trainable_mask(params, self.trainable)
+        params = jax.tree.map(lambda x, t: x if t else jax.lax.stop_gradient(x), params, mask)
+        return self.objective.loss(nnx.merge(graphdef, params), batch, dropout_key, evaluating)
 
 
 def trainable_names(cfg: Config) -> Callable[[list[str]], bool] | None:
@@ -530,6 +549,8 @@ def finetune(cfg: Config) -> dict[str, float]:
                 writer.print(f"backbone from {f.init_from} (step {source.step}){fresh}")
 
         objective = make_objective(cfg, train)
+        if trainable is not None:
+            objective = FrozenNoGradient(objective, trainable)
         dropout_seed = cfg.train.seed + 1 if cfg.model.dropout or f.head_dropout else None
         train_step = make_train_step(
             graphdef, tx, objective, shardings, cfg.optim.grad_accum, dropout_seed
