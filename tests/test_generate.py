@@ -240,12 +240,20 @@ def test_eos_stops_each_sequence_on_its_own(text_generator):
     assert (out[1].finish_reason, out[1].tokens) == ("length", base[1].tokens)
 
 
-def test_prompts_of_twenty_lengths_compile_few_times(tokenizer):
+def test_prompts_of_twenty_lengths_and_varying_batch_sizes_compile_few_times(tokenizer):
     generator = Generator(_model(tiny_model(vocab_size=VOCAB, max_seq_len=64)), tokenizer)
     for n in range(1, 21):
         generator.generate_ids([[2] + [7] * (n - 1)], max_new_tokens=4)
     # prompt buckets 16 and 32, cache buckets 32 and 64: one prefill + one step each
     assert generator.compiles == 4
+    outputs = {}
+    for size in (5, 8, 6, 7):
+        completions = generator.generate_ids([[2, 7, 7]] * size, max_new_tokens=4)
+        outputs[size] = [c.tokens for c in completions]
+    # batches of 5-8 rows share the batch bucket 8 (one more prefill and step), and the dummy
+    # rows that fill it change nothing
+    assert generator.compiles == 6
+    assert all(rows == outputs[8][:size] for size, rows in outputs.items())
 
 
 def test_bad_input_is_named(text_generator):
