@@ -17,7 +17,9 @@ from pathlib import Path
 
 import grain
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import yaml
 from flax import nnx
 from jax.experimental import multihost_utils
@@ -45,7 +47,7 @@ from lm.train.checkpoint import Checkpointer
 from lm.train.loop import LoopSettings, run_loop
 from lm.train.metrics import MetricsWriter
 from lm.train.objectives import CausalLM, Regression, SequenceClassification, TokenClassification
-from lm.train.optim import freeze, make_optimizer, trainable_mask
+from lm.train.optim import freeze, make_optimizer
 from lm.train.state import TrainState, plan_train_state
 from lm.train.step import make_eval_step, make_train_step
 
@@ -255,27 +257,75 @@ def make_objective(cfg: Config, train: dict[str, np.ndarray]):
     return CausalLM()
 
 
+def _names(path) -> list[str]:
+    return [str(getattr(k, "key", getattr(k, "name", ""))) for k in path]
+
+
+def _layer_mask(x: jax.Array, first: int) -> jax.Array:
+    """Bool [layers, 1, ...]: True for the stacked slices of layer `first` onwards."""
+    return (jnp.arange(x.shape[0]) >= first).reshape(-1, *([1] * (x.ndim - 1)))
+
+
 @dataclasses.dataclass(frozen=True)
 class FrozenNoGradient:
     """`objective` with gradients stopped at frozen parameters.
 
     The optimizer already ignores them (`freeze`); stopping the gradient as well lets XLA skip
     their backward pass (with a frozen backbone, everything below the head) and keeps the
-    reported gradient norm to the parameters that train.
+    reported gradient norm to the parameters that train. With scanned blocks and
+    `first_layer`, only the stacked slices of layers before it are stopped.
     """
 
     objective: object
     trainable: Callable[[list[str]], bool]
+    first_layer: int | None = None
 
     def loss(self, model, batch, dropout_key=None, evaluating: bool = False):
         graphdef, params = nnx.split(model)
-        mask = trainable_mask(params, self.trainable)
-        params = jax.tree.map(lambda x, t: x if t else jax.lax.stop_gradient(x), params, mask)
+
+        def gate(path, x):
+            names = _names(path)
+            if not self.trainable(names):
+                return jax.lax.stop_gradient(x)
+            if self.first_layer is not None and "blocks" in names:
+                return jnp.where(_layer_mask(x, self.first_layer), x, jax.lax.stop_gradient(x))
+            return x
+
+        params = jax.tree_util.tree_map_with_path(gate, params)
         return self.objective.loss(nnx.merge(graphdef, params), batch, dropout_key, evaluating)
 
 
+def keep_layers_from(first: int) -> optax.GradientTransformation:
+    """Zero the updates of stacked-block slices before layer `first` (weight decay included).
+
+    Their gradients are already stopped, but AdamW's decoupled weight decay would still move
+    them; with this they stay bit-identical. (They keep Adam moments: one array holds all
+    layers.)
+    """
+
+    def update(updates, state, params=None):
+        def one(path, u):
+            return jnp.where(_layer_mask(u, first), u, 0) if "blocks" in _names(path) else u
+
+        return jax.tree_util.tree_map_with_path(one, updates), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
+def first_trained_layer(cfg: Config) -> int | None:
+    """With `trainable=last_k` on scanned (stacked) blocks, the first block that trains."""
+    f, m = cfg.finetune, cfg.model
+    if f.trainable != "last_k" or f.lora_rank or not m.scan_layers:
+        return None
+    return m.num_layers - min(f.last_k, m.num_layers)
+
+
 def trainable_names(cfg: Config) -> Callable[[list[str]], bool] | None:
-    """Which parameters train (by path names), or None when every used parameter does."""
+    """Which parameters train (by path names), or None when every used parameter does.
+
+    With scanned blocks, `last_k` marks the stacked block arrays trainable as a whole;
+    `first_trained_layer` then freezes their earlier slices.
+    """
     f, m = cfg.finetune, cfg.model
     # A task head never reads the output matrix: freeze it rather than let weight decay erode it.
     unused = {"unembed"} if f.task != "text_to_text" else set()
@@ -284,21 +334,36 @@ def trainable_names(cfg: Config) -> Callable[[list[str]], bool] | None:
     if f.trainable == "head":
         return lambda names: "head" in names
     if f.trainable == "last_k":
-        if m.scan_layers:
-            raise ConfigError(
-                "finetune.trainable=last_k freezes whole blocks, but model.scan_layers=true "
-                "stores all blocks in one array; set model.scan_layers=false."
-            )
         first = m.num_layers - min(f.last_k, m.num_layers)
+        top = {"head", "final_norm"} | ({"unembed"} if f.task == "text_to_text" else set())
 
         def last_k(names: list[str]) -> bool:
-            if "head" in names or "final_norm" in names:
+            if top & set(names):
                 return True
-            at = names.index("blocks") if "blocks" in names else -1
-            return at >= 0 and int(names[at + 1]) >= first
+            if "blocks" not in names:
+                return False
+            return m.scan_layers or int(names[names.index("blocks") + 1]) >= first
 
         return last_k
     return (lambda names: not unused & set(names)) if unused and not m.tie_embeddings else None
+
+
+def finetune_optimizer(cfg: Config) -> optax.GradientTransformation:
+    """The run's AdamW, restricted to the parameters that train (see `trainable_names`)."""
+    tx = make_optimizer(cfg.optim, cfg.train.steps)
+    first_layer = first_trained_layer(cfg)
+    if first_layer is not None:
+        tx = optax.chain(tx, keep_layers_from(first_layer))
+    trainable = trainable_names(cfg)
+    return tx if trainable is None else freeze(tx, trainable)
+
+
+def gate_frozen(cfg: Config, objective):
+    """`objective`, with gradients stopped at the parameters `cfg` freezes."""
+    trainable = trainable_names(cfg)
+    if trainable is None:
+        return objective
+    return FrozenNoGradient(objective, trainable, first_trained_layer(cfg))
 
 
 # ---- starting weights ----------------------------------------------------------------------
@@ -526,9 +591,7 @@ def finetune(cfg: Config) -> dict[str, float]:
         writer.print(note)
     for split, (_, stats) in encoded.items():
         writer.print(_stats_line(split, stats, cfg.data.seq_len))
-    tx = make_optimizer(cfg.optim, cfg.train.steps)
-    if (trainable := trainable_names(cfg)) is not None:
-        tx = freeze(tx, trainable)
+    tx = finetune_optimizer(cfg)
     best = BestCheckpoint(run_dir, cfg, tokenizer)
     peak = peak_flops(jax.devices())  # measured outside the mesh context
     with jax.set_mesh(mesh):
@@ -548,9 +611,7 @@ def finetune(cfg: Config) -> dict[str, float]:
                 fresh = "; head fresh" if backbone_prefix(cfg)[-1:] == ("backbone",) else ""
                 writer.print(f"backbone from {f.init_from} (step {source.step}){fresh}")
 
-        objective = make_objective(cfg, train)
-        if trainable is not None:
-            objective = FrozenNoGradient(objective, trainable)
+        objective = gate_frozen(cfg, make_objective(cfg, train))
         dropout_seed = cfg.train.seed + 1 if cfg.model.dropout or f.head_dropout else None
         train_step = make_train_step(
             graphdef, tx, objective, shardings, cfg.optim.grad_accum, dropout_seed

@@ -19,7 +19,13 @@ from lm.config import (
     load_config,
 )
 from lm.data.tokenizer import train_tokenizer
-from lm.finetune import copy_backbone, finetune, trainable_names
+from lm.finetune import (
+    copy_backbone,
+    finetune,
+    finetune_optimizer,
+    gate_frozen,
+    trainable_names,
+)
 from lm.model import Transformer
 from lm.parallel import batch_sharding, make_mesh
 from lm.runs import build_model, load_run, write_params_run
@@ -178,14 +184,7 @@ def test_resumed_finetune_matches_an_uninterrupted_one(tmp_path, pretrained):
 
 def test_finetune_step_on_mesh_222_matches_one_device(pretrained, tmp_path):
     cfg = _config(tmp_path, pretrained, "finetune.pooling=mean", "finetune.class_weights=1,2,3")
-    rng = np.random.default_rng(0)
-    batch = {
-        "inputs": rng.integers(7, VOCAB, (8, 16)).astype(np.int32),
-        "segment_ids": (np.arange(16) < rng.integers(4, 17, (8, 1))).astype(np.int32),
-        "label": rng.integers(0, 3, 8).astype(np.int32),
-        "example_weights": np.ones(8, np.float32),
-    }
-    batch["positions"] = np.where(batch["segment_ids"], np.arange(16), 0).astype(np.int32)
+    batch = _class_batch()
     objective = SequenceClassification(class_weights=(1.0, 2.0, 3.0), label_smoothing=0.1)
     tx = make_optimizer(OptimConfig(lr=1e-2, warmup_steps=0), 10)
     results = []
@@ -205,8 +204,6 @@ def test_finetune_step_on_mesh_222_matches_one_device(pretrained, tmp_path):
 def test_finetune_config_errors_name_the_fix(tmp_path, pretrained, capsys):
     with pytest.raises(ConfigError, match="finetune.task is empty"):
         finetune(_config(tmp_path, pretrained, "finetune.task="))
-    with pytest.raises(ConfigError, match="model.scan_layers=false"):
-        finetune(_config(tmp_path, pretrained, "finetune.trainable=last_k"))
     with pytest.raises(ConfigError, match="finetune.metric must be one of"):
         _config(tmp_path, pretrained, "finetune.metric=pearson")
     with pytest.raises(ConfigError, match="text_to_text trains the language model itself"):
@@ -253,3 +250,43 @@ def test_text_to_text_finetune_scores_greedy_answers(tmp_path, pretrained):
     assert {"validation/exact_match", "validation/token_f1", "validation/loss"} <= final.keys()
     assert 0.0 <= final["validation/token_f1"] <= 1.0
     assert load_run(tmp_path / "run").step == 2
+
+
+def _class_batch() -> dict[str, np.ndarray]:
+    """8 right-padded classification rows of 16 tokens."""
+    rng = np.random.default_rng(0)
+    batch = {
+        "inputs": rng.integers(7, VOCAB, (8, 16)).astype(np.int32),
+        "segment_ids": (np.arange(16) < rng.integers(4, 17, (8, 1))).astype(np.int32),
+        "label": rng.integers(0, 3, 8).astype(np.int32),
+        "example_weights": np.ones(8, np.float32),
+    }
+    batch["positions"] = np.where(batch["segment_ids"], np.arange(16), 0).astype(np.int32)
+    return batch
+
+
+def test_last_k_on_scanned_blocks_trains_only_the_last_layer_slices(pretrained, tmp_path):
+    cfg = _config(tmp_path, pretrained, "finetune.trainable=last_k", "optim.lr=1e-2")
+    assert cfg.model.scan_layers and cfg.model.num_layers == 2
+    tx = finetune_optimizer(cfg)
+    objective = gate_frozen(cfg, SequenceClassification())
+    mesh = make_mesh(MeshConfig(2, 2, 2))
+    with jax.set_mesh(mesh):
+        graphdef, _, shardings, init = plan_train_state(
+            lambda rngs: build_model(cfg, rngs), tx, mesh, 0
+        )
+        state = init()
+        before = _leaves(state.params)
+        step = make_train_step(graphdef, tx, objective, shardings)
+        state, metrics = step(state, jax.device_put(_class_batch(), batch_sharding(mesh)))
+        state, metrics = step(state, jax.device_put(_class_batch(), batch_sharding(mesh)))
+    after = _leaves(state.params)
+    assert np.isfinite(float(metrics["loss"]))
+    for path, value in before.items():
+        if path[:2] == ("backbone", "blocks"):
+            np.testing.assert_array_equal(after[path][0], value[0], err_msg=str(path))
+            assert not np.array_equal(after[path][1], value[1]), path
+        elif path[0] == "head" or path[:2] == ("backbone", "final_norm"):
+            assert not np.array_equal(after[path], value), path
+        else:
+            np.testing.assert_array_equal(after[path], value, err_msg=str(path))
