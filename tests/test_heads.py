@@ -129,3 +129,18 @@ def test_heads_compose_with_dropout_only_in_training():
     base = float(objective.loss(model, batch)[0])
     assert float(objective.loss(model, batch)[0]) == base  # no key: deterministic
     assert float(objective.loss(model, batch, jax.random.key(0))[0]) != base
+
+
+def test_task_model_passes_token_types_to_a_bert_style_backbone():
+    f = FinetuneConfig(task="classification", dataset="records.jsonl", labels="a,b")
+    cfg = Config(model=tiny_model(vocab_size=64, type_vocab_size=2), finetune=f)
+    with nnx.use_eager_sharding(False):
+        model = task_model(cfg, nnx.Rngs(0))
+    batch = rows()
+    tokens, segments = batch["inputs"], batch["segment_ids"]
+    second_half = (np.arange(L) >= 4).astype(np.int32)[None].repeat(B, 0)
+    plain = model(tokens, segments)
+    typed = model(tokens, segments, token_types_BxL=second_half)
+    zeros = model(tokens, segments, token_types_BxL=np.zeros_like(second_half))
+    np.testing.assert_array_equal(np.asarray(plain), np.asarray(zeros))
+    assert np.abs(np.asarray(plain) - np.asarray(typed)).max() > 1e-4

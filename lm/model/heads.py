@@ -61,7 +61,7 @@ class MaskedLM(nnx.Module):
         positions_BxL: jax.Array | None = None,
         *,
         dropout_key: jax.Array | None = None,
-        token_types: jax.Array | None = None,
+        token_types_BxL: jax.Array | None = None,
     ) -> jax.Array:
         """float32 vocabulary logits [B, L, V] at every position (the loss picks masked ones)."""
         backbone = self.backbone
@@ -70,7 +70,7 @@ class MaskedLM(nnx.Module):
             segment_ids_BxL,
             positions_BxL,
             dropout_key=dropout_key,
-            token_types_BxL=token_types,
+            token_types_BxL=token_types_BxL,
         )
         w_VxD = backbone.embed[...] if backbone.cfg.tie_embeddings else backbone.unembed[...]
         return self.head(h_BxLxD, w_VxD)
@@ -171,15 +171,18 @@ class TaskModel(nnx.Module):
         positions_BxL: jax.Array | None = None,
         *,
         dropout_key: jax.Array | None = None,
-        token_types: jax.Array | None = None,
+        token_types_BxL: jax.Array | None = None,
     ) -> jax.Array:
         """The head's float32 outputs: [B, C] for sequence heads, [B, L, C] for tagging."""
         if segment_ids_BxL is None:
             segment_ids_BxL = jnp.ones_like(tokens_BxL)
         keys = (None, None) if dropout_key is None else tuple(jax.random.split(dropout_key))
         h_BxLxD = self.backbone.hidden(
-            tokens_BxL, segment_ids_BxL, positions_BxL, dropout_key=keys[0],
-            **({} if token_types is None else {"token_types": token_types}),
+            tokens_BxL,
+            segment_ids_BxL,
+            positions_BxL,
+            dropout_key=keys[0],
+            token_types_BxL=token_types_BxL,
         )
         return self.head(h_BxLxD, segment_ids_BxL, keys[1])
 
