@@ -16,6 +16,12 @@ def _pretrain(args: argparse.Namespace) -> None:
     pretrain(load_config(args.config, args.overrides))
 
 
+def _finetune(args: argparse.Namespace) -> None:
+    from lm.finetune import finetune
+
+    finetune(load_config(args.config, args.overrides))
+
+
 def _bench(args: argparse.Namespace) -> None:
     from lm.bench import bench
 
@@ -36,6 +42,30 @@ def _evaluate(args: argparse.Namespace) -> None:
         output=args.output,
     )
     print(format_report(report))
+
+
+def _generate(args: argparse.Namespace) -> None:
+    from lm.generate import Generator, print_generations, read_prompts
+
+    prompts = read_prompts(args.prompt, args.prompts_file)
+    generator = Generator.from_run(args.run_dir, step=args.step)
+    print_generations(
+        generator,
+        prompts,
+        as_json=args.json,
+        batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        min_p=args.min_p,
+        repetition_penalty=args.repetition_penalty,
+        num_beams=args.num_beams,
+        length_penalty=args.length_penalty,
+        stop=args.stop,
+        seed=args.seed,
+        truncate_prompt=args.truncate,
+    )
 
 
 def _tokenizer_train(args: argparse.Namespace) -> None:
@@ -113,6 +143,7 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     for name, run, help_text in [
         ("pretrain", _pretrain, "pretrain a causal language model (resumes an existing run dir)"),
+        ("finetune", _finetune, "fine-tune a task head or SFT from a checkpoint (resumes too)"),
         ("bench", _bench, "measure train-step tokens/s and MFU on synthetic batches"),
     ]:
         sub = commands.add_parser(name, help=help_text)
@@ -146,6 +177,32 @@ def _parser() -> argparse.ArgumentParser:
         help="masked-LM runs: also mask each token in turn (one forward pass per token)",
     )
     evaluate.add_argument("--output", help="report path (default RUN/eval/<what>.json)")
+
+    generate = commands.add_parser(
+        "generate", help="continue prompts with a trained causal LM (KV-cached decoding)"
+    )
+    generate.set_defaults(run=_generate)
+    generate.add_argument("--run", dest="run_dir", required=True, help="run directory")
+    generate.add_argument("--step", type=int, help="checkpoint step (default: the newest)")
+    generate.add_argument("--prompt", action="append", default=[], help="text (repeatable)")
+    generate.add_argument("--prompts-file", help="one prompt per non-blank line")
+    generate.add_argument("--max-new-tokens", type=int, default=128)
+    generate.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    generate.add_argument("--top-k", type=int, default=0, help="0 = off")
+    generate.add_argument("--top-p", type=float, default=1.0, help="nucleus mass; 1 = off")
+    generate.add_argument("--min-p", type=float, default=0.0, help="0 = off")
+    generate.add_argument("--repetition-penalty", type=float, default=1.0, help="1 = off")
+    generate.add_argument("--num-beams", type=int, default=1, help="> 1: beam search")
+    generate.add_argument("--length-penalty", type=float, default=1.0, help="beam ranking")
+    generate.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    generate.add_argument("--seed", type=int, default=0)
+    generate.add_argument(
+        "--truncate", action="store_true", help="left-truncate prompts longer than the context"
+    )
+    generate.add_argument(
+        "--json", action="store_true", help="one JSON line per prompt instead of streaming"
+    )
+    generate.add_argument("--batch-size", type=int, default=8, help="prompts per batch (--json)")
 
     tokenizer = commands.add_parser("tokenizer", help="SentencePiece tokenizers")
     actions = tokenizer.add_subparsers(dest="action", required=True)
