@@ -17,9 +17,9 @@ def _pretrain(args: argparse.Namespace) -> None:
 
 
 def _finetune(args: argparse.Namespace) -> None:
-    from lm.finetune import finetune
+    from lm.finetune import finetune, finetune_config
 
-    finetune(load_config(args.config, args.overrides))
+    finetune(finetune_config(args.config, args.overrides))
 
 
 def _bench(args: argparse.Namespace) -> None:

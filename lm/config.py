@@ -298,10 +298,16 @@ def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
 
 
 def load_config(
-    path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()
+    path: str | Path | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    base: dict | None = None,
 ) -> Config:
-    """Build a validated Config from an optional YAML file and `section.key=value` overrides."""
+    """Build a validated Config from an optional YAML file and `section.key=value` overrides,
+    both applied over the defaults updated by the nested dict `base` (e.g. a checkpoint's
+    model section)."""
     cfg = Config()
+    for key, value in _flatten(base or {}).items():
+        _set(cfg, key, value)
     if path is not None:
         path = Path(path)
         if not path.is_file():

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import grain
@@ -25,7 +25,15 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from lm import task_metrics
-from lm.config import FINETUNE_METRICS, Config, ConfigError, to_dict, validate
+from lm.config import (
+    FINETUNE_METRICS,
+    Config,
+    ConfigError,
+    ModelConfig,
+    load_config,
+    to_dict,
+    validate,
+)
 from lm.data import finetune_demos as demos
 from lm.data.local_records import local_records, require_columns
 from lm.data.pipeline import to_global
@@ -35,14 +43,15 @@ from lm.data.tasks import (
     encode_regression,
     encode_text_to_text,
     encode_token_labels,
+    frame_ids,
 )
-from lm.data.tokenizer import BOS_ID, Tokenizer, load_tokenizer, train_tokenizer
+from lm.data.tokenizer import TextTokenizer, load_tokenizer, run_tokenizer_file, train_tokenizer
 from lm.evaluate import local_rows
 from lm.flops import peak_flops, train_flops_per_token
 from lm.model.lora import LoraModel, merge_lora
 from lm.parallel import batch_sharding, make_mesh
 from lm.pretrain import check_batch_fits_mesh
-from lm.runs import build_model, load_run, write_params_run
+from lm.runs import build_model, load_run, read_run_config, write_params_run
 from lm.train.checkpoint import Checkpointer
 from lm.train.loop import LoopSettings, run_loop
 from lm.train.metrics import MetricsWriter
@@ -54,6 +63,35 @@ from lm.train.step import make_eval_step, make_train_step
 LOWER_IS_BETTER = frozenset({"loss", "mse"})
 
 Examples = tuple[list, list]  # (inputs, references): texts / word lists / prompts, and labels
+# Model keys that change how a checkpoint's parameters are used, not what they are: a fine-tune
+# may set them freely; every other model key must be the checkpoint's.
+RUNTIME_MODEL_KEYS = frozenset(
+    {"dropout", "dtype", "param_dtype", "remat", "attention", "init_std"}
+)
+
+
+def finetune_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
+    """The config of a fine-tune: the YAML file `path` and `section.key=value` overrides.
+
+    With `finetune.init_from`, the model section starts as the checkpoint's (its
+    config.yaml), so the architecture need not be copied; keys the file or overrides set
+    must equal the checkpoint's, except the runtime keys (`RUNTIME_MODEL_KEYS`).
+    """
+    cfg = load_config(path, list(overrides))
+    origin = cfg.finetune.init_from
+    if not origin:
+        return cfg
+    source = read_run_config(origin).model
+    cfg = load_config(path, list(overrides), base={"model": dataclasses.asdict(source)})
+    for field in dataclasses.fields(ModelConfig):
+        ours, theirs = getattr(cfg.model, field.name), getattr(source, field.name)
+        if field.name not in RUNTIME_MODEL_KEYS and ours != theirs:
+            raise ConfigError(
+                f"init_from {origin}: model.{field.name}={ours} in this config but "
+                f"{theirs} in the checkpoint; drop model.{field.name} (the architecture comes "
+                "from the checkpoint's config.yaml) or set it to the checkpoint's value."
+            )
+    return cfg
 
 
 # ---- examples ------------------------------------------------------------------------------
@@ -144,7 +182,7 @@ def _label_id(value: object, names: list[str]) -> object:
     return value
 
 
-def encode(cfg: Config, tokenizer: Tokenizer, examples: Examples):
+def encode(cfg: Config, tokenizer: TextTokenizer, examples: Examples):
     """(arrays, TaskStats) of one split for the task's head."""
     f, seq_len = cfg.finetune, cfg.data.seq_len
     inputs, refs = examples
@@ -201,17 +239,19 @@ def padded_batches(
 
 
 def finetune_tokenizer(
-    cfg: Config, run_dir: Path, init_tokenizer: Tokenizer | None, train_inputs: list
-) -> Tokenizer:
+    cfg: Config, run_dir: Path, init_tokenizer: TextTokenizer | None, train_inputs: list
+) -> TextTokenizer:
     """This run's tokenizer (kept on resume), else init_from's, data.tokenizer, or a new one."""
-    own = run_dir / "tokenizer.model"
-    if own.is_file():
+    own = run_tokenizer_file(run_dir)
+    if own is not None:
         tokenizer = load_tokenizer(own)
     elif init_tokenizer is not None or cfg.data.tokenizer:
         tokenizer = init_tokenizer or load_tokenizer(cfg.data.tokenizer)
     else:
         texts = [t if isinstance(t, str) else " ".join(t) for t in train_inputs]
-        tokenizer = train_tokenizer(texts, own, cfg.model.vocab_size, cfg.data.tokenizer_type)
+        tokenizer = train_tokenizer(
+            texts, run_dir / "tokenizer.model", cfg.model.vocab_size, cfg.data.tokenizer_type
+        )
     if tokenizer.vocab_size != cfg.model.vocab_size:
         raise ConfigError(
             f"Tokenizer {tokenizer.path} has {tokenizer.vocab_size} pieces but "
@@ -482,7 +522,7 @@ def evaluate_task(
 
 
 def answer_scores(
-    cfg: Config, model: nnx.Module, tokenizer: Tokenizer, examples: Examples, mesh
+    cfg: Config, model: nnx.Module, tokenizer: TextTokenizer, examples: Examples, mesh
 ) -> dict[str, float]:
     """Exact match and token F1 of greedy answers (through `lm generate`'s Generator)."""
     from lm.generate import Generator
@@ -494,8 +534,9 @@ def answer_scores(
     prompts = tokenizer.encode_batch([f.template.replace("{input}", x) for x in inputs])
     max_len = cfg.data.seq_len + f.max_new_tokens
     generator = Generator(model, tokenizer, mesh=mesh, max_len=min(max_len, cfg.model.max_seq_len))
+    bos = frame_ids(tokenizer)[0]
     completions = generator.generate_ids(
-        [[BOS_ID, *p] for p in prompts],
+        [[bos, *p] for p in prompts],
         max_new_tokens=f.max_new_tokens,
         temperature=0.0,
         stop=["\n"],
@@ -515,7 +556,7 @@ class BestCheckpoint:
     restart through `best.json`.
     """
 
-    def __init__(self, run_dir: Path, cfg: Config, tokenizer: Tokenizer):
+    def __init__(self, run_dir: Path, cfg: Config, tokenizer: TextTokenizer):
         self.directory = run_dir / "best"
         f = cfg.finetune
         self.metric = f.metric or FINETUNE_METRICS[f.task][0]
@@ -532,7 +573,7 @@ class BestCheckpoint:
             (self.directory / "config.yaml").write_text(
                 yaml.safe_dump(to_dict(cfg), sort_keys=False)
             )
-            shutil.copyfile(tokenizer.path, self.directory / "tokenizer.model")
+            shutil.copyfile(tokenizer.path, self.directory / tokenizer.file_name)
 
     def update(self, step: int, state: TrainState, results: dict[str, float]) -> None:
         """Save `state`'s params if `results` improve on the best so far."""
@@ -583,8 +624,8 @@ def finetune(cfg: Config) -> dict[str, float]:
     if jax.process_index() == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-        if tokenizer.path != run_dir / "tokenizer.model":
-            shutil.copyfile(tokenizer.path, run_dir / "tokenizer.model")
+        if tokenizer.path != run_dir / tokenizer.file_name:
+            shutil.copyfile(tokenizer.path, run_dir / tokenizer.file_name)
 
     writer = MetricsWriter(run_dir, cfg.train.steps)
     for note in notes:
@@ -692,7 +733,8 @@ def export_merged(cfg: Config, graphdef: nnx.GraphDef, params: nnx.State, run_di
     plain = dataclasses.replace(cfg, finetune=dataclasses.replace(cfg.finetune, lora_rank=0))
     write_params_run(run_dir / "merged", plain, merged, {"merged_from": str(run_dir)})
     if jax.process_index() == 0:
-        shutil.copyfile(run_dir / "tokenizer.model", run_dir / "merged" / "tokenizer.model")
+        own = run_tokenizer_file(run_dir)
+        shutil.copyfile(own, run_dir / "merged" / own.name)
 
 
 def _stats_line(split: str, stats: TaskStats, seq_len: int) -> str:

@@ -1,8 +1,9 @@
 """Run directories: which model a config trains, and loading a run's parameters onto a mesh.
 
-A run directory holds `config.yaml`, optionally `tokenizer.model`, and Orbax checkpoints under
-`checkpoints/<step>/` (items "state" = TrainState and "meta" = JSON). Inference, evaluation,
-fine-tuning and conversion read only the parameters: optimizer state is never loaded.
+A run directory holds `config.yaml`, optionally `tokenizer.model` (or a Hugging Face
+`tokenizer.json`), and Orbax checkpoints under `checkpoints/<step>/` (items "state" =
+TrainState and "meta" = JSON). Inference, evaluation, fine-tuning and conversion read only the
+parameters: optimizer state is never loaded.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from lm.config import CheckpointConfig, Config, MeshConfig, from_dict, to_dict
-from lm.data.tokenizer import Tokenizer, load_tokenizer
+from lm.data.tokenizer import TextTokenizer, load_tokenizer, run_tokenizer_file
 from lm.model import Transformer
 from lm.model.heads import MaskedLM, task_model
 from lm.model.lora import LoraModel
@@ -47,7 +48,7 @@ class LoadedRun:
     """A run's config, tokenizer and parameters (sharded on `mesh`) at checkpoint `step`."""
 
     config: Config
-    tokenizer: Tokenizer | None
+    tokenizer: TextTokenizer | None
     graphdef: nnx.GraphDef
     params: nnx.State
     step: int
@@ -104,9 +105,9 @@ def load_run(
     return LoadedRun(cfg, _run_tokenizer(run_dir, cfg), graphdef, params, step, mesh)
 
 
-def _run_tokenizer(run_dir: str | Path, cfg: Config) -> Tokenizer | None:
-    own = Path(run_dir) / "tokenizer.model"
-    if own.is_file():
+def _run_tokenizer(run_dir: str | Path, cfg: Config) -> TextTokenizer | None:
+    own = run_tokenizer_file(run_dir)
+    if own is not None:
         return load_tokenizer(own)
     return load_tokenizer(cfg.data.tokenizer) if cfg.data.tokenizer else None
 

@@ -1,7 +1,7 @@
 """Fine-tuning examples: records (texts, labels, word tags, prompt/answer pairs) as padded arrays.
 
 Every encoder returns `(arrays, stats)`. `arrays` holds numpy [N, L] rows (L = `seq_len`)
-padded with PAD_ID, segment 0, position 0 and weight 0, with segment 1 and positions 0..n-1
+padded with the pad id, segment 0, position 0 and weight 0, with segment 1 and positions 0..n-1
 on a row's n real tokens; per-example values are [N] or [N, T]. `stats` (`TaskStats`) counts
 what truncation cut, so cutting is never silent; with `truncate=False` an example too long
 for `seq_len` raises instead.
@@ -9,6 +9,8 @@ for `seq_len` raises instead.
 Classification, regression and tagging rows are `[BOS] + text + [EOS]`; a long text loses its
 last tokens but keeps EOS, so a head that pools the last real token always reads the same
 marker. Text-to-text rows are the train step's causal-LM batches (see `encode_text_to_text`).
+BOS, EOS and pad are the tokenizer's own ids (`frame_ids`): a vocabulary without BOS/EOS,
+such as BERT's WordPiece, frames rows with its [CLS] and [SEP] instead.
 """
 
 from __future__ import annotations
@@ -21,9 +23,24 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
-from lm.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer
+from lm.data.tokenizer import TextTokenizer
 
 IGNORE_TAG = -1  # tag of pieces that carry no label: non-first pieces, BOS, EOS, padding
+
+
+def frame_ids(tokenizer: TextTokenizer) -> tuple[int, int, int]:
+    """(start, end, pad) ids of task rows: BOS and EOS, else [CLS] and [SEP]; pad, else 0.
+
+    Any pad id works (padding has segment 0 and weight 0); BERT's is 0 as well.
+    """
+    start = tokenizer.bos if tokenizer.bos is not None else tokenizer.cls
+    end = tokenizer.eos if tokenizer.eos is not None else tokenizer.sep
+    if start is None or end is None:
+        raise ValueError(
+            f"Tokenizer {tokenizer.path} has neither BOS/EOS nor [CLS]/[SEP] tokens to frame "
+            "task rows with; use a tokenizer that defines them."
+        )
+    return start, end, 0 if tokenizer.pad is None else tokenizer.pad
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,7 +54,7 @@ class TaskStats:
 
 
 def encode_classification(
-    tokenizer: Tokenizer,
+    tokenizer: TextTokenizer,
     texts: Sequence[str],
     labels: Sequence[object],
     num_classes: int,
@@ -55,7 +72,7 @@ def encode_classification(
 
 
 def encode_regression(
-    tokenizer: Tokenizer,
+    tokenizer: TextTokenizer,
     texts: Sequence[str],
     targets: Sequence[float | Sequence[float]],
     seq_len: int,
@@ -80,7 +97,7 @@ def encode_regression(
 
 
 def encode_token_labels(
-    tokenizer: Tokenizer,
+    tokenizer: TextTokenizer,
     tokens: Sequence[Sequence[str]],
     tags: Sequence[Sequence[int]],
     num_tags: int,
@@ -118,7 +135,7 @@ def encode_token_labels(
             row_tags += [int(tag)] + [IGNORE_TAG] * (len(pieces) - 1)
         id_rows.append(ids)
         tag_rows.append(row_tags)
-    arrays, stats = _encode_ids(id_rows, seq_len, truncate)
+    arrays, stats = _encode_ids(id_rows, seq_len, truncate, frame_ids(tokenizer))
     room = seq_len - 2
     tags_NxL = _pad([[IGNORE_TAG, *t[:room], IGNORE_TAG] for t in tag_rows], seq_len, IGNORE_TAG)
     weights_NxL = (tags_NxL != IGNORE_TAG).astype(np.float32)
@@ -126,7 +143,7 @@ def encode_token_labels(
 
 
 def encode_text_to_text(
-    tokenizer: Tokenizer,
+    tokenizer: TextTokenizer,
     inputs: Sequence[str],
     targets: Sequence[str],
     seq_len: int,
@@ -148,6 +165,7 @@ def encode_text_to_text(
         raise ValueError(f"template {template!r} has no '{{input}}' to put the input in.")
     if seq_len < 1:
         raise ValueError(f"seq_len must be at least 1, got {seq_len}.")
+    bos, eos, pad = frame_ids(tokenizer)
     prompt_ids = tokenizer.encode_batch([template.replace("{input}", text) for text in inputs])
     answer_ids = tokenizer.encode_batch(list(targets))
     rows, weight_rows = [], []
@@ -163,9 +181,9 @@ def encode_text_to_text(
             )
         cut_prompt = min(max(excess, 0), len(prompt))
         cut_answer = max(excess, 0) - cut_prompt
-        answer = [*answer, EOS_ID][: len(answer) + 1 - cut_answer]
+        answer = [*answer, eos][: len(answer) + 1 - cut_answer]
         prompt = prompt[cut_prompt:]
-        rows.append([BOS_ID, *prompt, *answer])
+        rows.append([bos, *prompt, *answer])
         weight_rows.append([0.0] * len(prompt) + [1.0] * len(answer))
         truncated += int(excess > 0)
         dropped += max(excess, 0)
@@ -173,8 +191,8 @@ def encode_text_to_text(
     segment_ids_NxL, positions_NxL = _layout([len(r) - 1 for r in rows], seq_len)
     arrays = {
         # Cut before padding, so a row's last token is a target only, never an input.
-        "inputs": _pad([r[:-1] for r in rows], seq_len, PAD_ID),
-        "targets": _pad([r[1:] for r in rows], seq_len, PAD_ID),
+        "inputs": _pad([r[:-1] for r in rows], seq_len, pad),
+        "targets": _pad([r[1:] for r in rows], seq_len, pad),
         "weights": _pad(weight_rows, seq_len, 0.0, np.float32),
         "segment_ids": segment_ids_NxL,
         "positions": positions_NxL,
@@ -183,15 +201,20 @@ def encode_text_to_text(
 
 
 def _encode_texts(
-    tokenizer: Tokenizer, texts: Sequence[str], seq_len: int, truncate: bool
+    tokenizer: TextTokenizer, texts: Sequence[str], seq_len: int, truncate: bool
 ) -> tuple[dict[str, np.ndarray], TaskStats]:
-    return _encode_ids(tokenizer.encode_batch(list(texts)), seq_len, truncate)
+    ids = tokenizer.encode_batch(list(texts))
+    return _encode_ids(ids, seq_len, truncate, frame_ids(tokenizer))
 
 
 def _encode_ids(
-    id_rows: Sequence[Sequence[int]], seq_len: int, truncate: bool
+    id_rows: Sequence[Sequence[int]],
+    seq_len: int,
+    truncate: bool,
+    frame: tuple[int, int, int],
 ) -> tuple[dict[str, np.ndarray], TaskStats]:
-    """`inputs`/`segment_ids`/`positions` of rows `[BOS] + ids + [EOS]`, cut to `seq_len`."""
+    """`inputs`/`segment_ids`/`positions` of rows `[BOS] + ids + [EOS]`, cut to `seq_len`;
+    `frame` = (BOS, EOS, pad) ids."""
     if seq_len < 2:
         raise ValueError(f"seq_len must be at least 2 to hold BOS and EOS, got {seq_len}.")
     room = seq_len - 2
@@ -201,11 +224,12 @@ def _encode_ids(
                 f"Record {i} has {len(ids) + 2} tokens with BOS and EOS but seq_len={seq_len}; "
                 "turn truncation on (truncate=True) or raise data.seq_len."
             )
-    rows = [[BOS_ID, *ids[:room], EOS_ID] for ids in id_rows]
+    bos, eos, pad = frame
+    rows = [[bos, *ids[:room], eos] for ids in id_rows]
     excess = [max(len(ids) - room, 0) for ids in id_rows]
     segment_ids_NxL, positions_NxL = _layout([len(r) for r in rows], seq_len)
     arrays = {
-        "inputs": _pad(rows, seq_len, PAD_ID),
+        "inputs": _pad(rows, seq_len, pad),
         "segment_ids": segment_ids_NxL,
         "positions": positions_NxL,
     }

@@ -1,4 +1,9 @@
-"""SentencePiece tokenizers that round-trip any UTF-8 text exactly.
+"""Tokenizers: SentencePiece models trained here (round-trip any UTF-8 text exactly), and
+Hugging Face `tokenizer.json` files (`lm.data.hf_tokenizer`), behind one interface.
+
+Every tokenizer has encode/encode_batch/decode/pieces/token_bytes/vocab_size, its file `path`,
+the `file_name` a run directory stores it under, and the special ids `pad`, `bos`, `eos`,
+`unk`, `mask`, `sep`, `cls` (None where the vocabulary has no such token).
 
 Ids 0-6 are fixed for every model trained here, so objectives can name them without a
 tokenizer at hand: pad, unk, bos, eos (control pieces) and `<mask>`, `<sep>`, `<cls>`
@@ -13,6 +18,7 @@ import re
 import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import ClassVar, Protocol
 
 import numpy as np
 import sentencepiece as spm
@@ -24,13 +30,51 @@ USER_SYMBOLS = ("<mask>", "<sep>", "<cls>", "\n")
 NUM_RESERVED = 4 + len(USER_SYMBOLS) + 256
 
 
+# The files a run directory may hold its tokenizer in, in order of preference.
+RUN_TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")
+
+
+class TextTokenizer(Protocol):
+    """What the data, fine-tuning and generation code needs from a tokenizer."""
+
+    path: Path
+    file_name: ClassVar[str]
+    pad: int | None
+    bos: int | None
+    eos: int | None
+    unk: int | None
+    mask: int | None
+    sep: int | None
+    cls: int | None
+
+    @property
+    def vocab_size(self) -> int: ...
+    def encode(self, text: str) -> list[int]: ...
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]: ...
+    def decode(self, ids: Iterable[int]) -> str: ...
+    def pieces(self) -> list[str]: ...
+    def token_bytes(self) -> np.ndarray: ...
+
+
 class Tokenizer:
     """A loaded SentencePiece model with batch encoding and per-piece byte lengths."""
+
+    file_name: ClassVar[str] = "tokenizer.model"
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self._sp = spm.SentencePieceProcessor(model_file=str(self.path))
         self._pieces: list[str] | None = None
+        self.pad = _present(self._sp.pad_id())
+        self.unk = _present(self._sp.unk_id())
+        self.bos = _present(self._sp.bos_id())
+        self.eos = _present(self._sp.eos_id())
+        self.mask, self.sep, self.cls = (self._piece_id(p) for p in USER_SYMBOLS[:3])
+
+    def _piece_id(self, piece: str) -> int | None:
+        """The id of user-defined `piece`, or None when the model lacks it."""
+        i = self._sp.piece_to_id(piece)  # the unknown id when absent
+        return i if self._sp.id_to_piece(i) == piece else None
 
     @property
     def vocab_size(self) -> int:
@@ -47,7 +91,8 @@ class Tokenizer:
 
     def decode(self, ids: Iterable[int]) -> str:
         """The text of `ids`; pad, bos and eos are dropped."""
-        return self._sp.decode([int(i) for i in ids if i not in (PAD_ID, BOS_ID, EOS_ID)])
+        dropped = (self.pad, self.bos, self.eos)
+        return self._sp.decode([int(i) for i in ids if i not in dropped])
 
     def pieces(self) -> list[str]:
         """Each id's piece text, e.g. '\u2581the' ('\u2581' marks a leading space); read once."""
@@ -66,15 +111,33 @@ class Tokenizer:
         return sizes
 
 
-def load_tokenizer(path: str | Path) -> Tokenizer:
-    """Load a `.model` file written by `train_tokenizer` (or any SentencePiece model)."""
+def _present(i: int) -> int | None:
+    return i if i >= 0 else None  # SentencePiece reports an absent special token as -1
+
+
+def load_tokenizer(path: str | Path) -> TextTokenizer:
+    """Load a SentencePiece `.model` (e.g. from `train_tokenizer`) or a Hugging Face
+    `tokenizer.json` (needs the `[hf]` extra)."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(
             f"Tokenizer model {path} does not exist; set data.tokenizer to an existing "
-            "SentencePiece .model, or leave it empty to train one into the run directory."
+            "SentencePiece .model or tokenizer.json, or leave it empty to train one into the "
+            "run directory."
         )
+    if path.suffix == ".json":
+        from lm.data.hf_tokenizer import HfTokenizer
+
+        return HfTokenizer(path)
     return Tokenizer(path)
+
+
+def run_tokenizer_file(run_dir: str | Path) -> Path | None:
+    """The tokenizer file a run directory holds (tokenizer.model preferred), or None."""
+    for name in RUN_TOKENIZER_FILES:
+        if (Path(run_dir) / name).is_file():
+            return Path(run_dir) / name
+    return None
 
 
 def train_tokenizer(

@@ -151,9 +151,25 @@ def from_hf(
     cfg, _, params = import_hf(src, mesh, overrides)
     arch = architecture(read_hf_config(src))
     write_params_run(dst, cfg, params, {"converted_from": str(src), "architecture": arch.name})
-    if (src / "tokenizer.model").is_file():
-        shutil.copyfile(src / "tokenizer.model", dst / "tokenizer.model")
+    copy_tokenizer(src, dst)
     return cfg
+
+
+def copy_tokenizer(src: Path, dst: Path) -> None:
+    """Copy `src`'s tokenizer into `dst`: tokenizer.model (SentencePiece), else tokenizer.json
+    with its special_tokens_map.json, else a tokenizer.json built from a WordPiece vocab.txt."""
+    from lm.data.hf_tokenizer import wordpiece_tokenizer_json
+
+    for name in ("tokenizer.model", "tokenizer.json", "special_tokens_map.json"):
+        if (src / name).is_file():
+            shutil.copyfile(src / name, dst / name)
+            if name == "tokenizer.model":
+                return
+    if not (dst / "tokenizer.json").is_file() and (src / "vocab.txt").is_file():
+        config = src / "tokenizer_config.json"
+        settings = json.loads(config.read_text()) if config.is_file() else {}
+        lowercase = settings.get("do_lower_case", True)
+        wordpiece_tokenizer_json(src / "vocab.txt", dst / "tokenizer.json", lowercase)
 
 
 def export_config(cfg: Config) -> tuple[Architecture, dict]:
@@ -207,6 +223,5 @@ def to_hf(run_dir: str | Path, dst: str | Path, *, mesh: Mesh | None = None) -> 
     shapes, fetch = hf_tensors(run.params, _entries(arch, m), m.num_layers, m.scan_layers)
     write_safetensors(dst / SINGLE_FILE, shapes, fetch, {"format": "pt"})
     (dst / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
-    if (Path(run_dir) / "tokenizer.model").is_file():
-        shutil.copyfile(Path(run_dir) / "tokenizer.model", dst / "tokenizer.model")
+    copy_tokenizer(Path(run_dir), dst)
     return arch.name
