@@ -34,7 +34,7 @@ def loss_and_grads(mesh_shape, cfg):
         def grads_of(params, batch):
             def loss(p):
                 total, sums = objective.loss(nnx.merge(graphdef, p), batch)
-                return total / sums["weight_sum"]
+                return total / sums["weight_sum"].sum()
 
             return jax.value_and_grad(loss)(params)
 

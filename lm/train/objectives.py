@@ -1,8 +1,10 @@
 """Training objectives: each maps (model, batch) to summed losses and metrics.
 
-Objectives return sums over the batch (never means) together with the number of scored
-targets, so the train step can accumulate micro-batches and divide once: the loss of a global
-batch is the same whatever the mesh, the micro-batch split or the number of processes.
+Objectives return sums (never means) together with the number of scored targets, so the train
+step can accumulate micro-batches and divide once: the loss of a global batch is the same
+whatever the mesh, the micro-batch split or the number of processes. Metric sums (`*_sum`) are
+per-row vectors [B]; the train and eval steps reduce them over the batch in one place
+(`lm.train.step.reduce_sums`), in an order that does not depend on the device layout.
 """
 
 from __future__ import annotations
@@ -13,6 +15,11 @@ import jax
 import jax.numpy as jnp
 
 Batch = dict[str, jax.Array]
+
+
+def row_sum(x: jax.Array) -> jax.Array:
+    """[B, ...] → [B]: the sum over every axis but the batch axis (row-local, no communication)."""
+    return jnp.sum(x, axis=tuple(range(1, x.ndim)))
 
 
 def token_losses(logits_BxLxV: jax.Array, targets_BxL: jax.Array, z_loss: float = 0.0):
@@ -41,16 +48,16 @@ class CausalLM:
     def loss(
         self, model, batch: Batch, dropout_key: jax.Array | None = None, evaluating: bool = False
     ):
-        """(summed loss, summed metrics); `evaluating` adds top-1 accuracy (an extra argmax)."""
+        """(summed loss, per-row metric sums [B]); `evaluating` adds top-1 accuracy (an argmax)."""
         logits_BxLxV = model(
             batch["inputs"], batch["segment_ids"], batch["positions"], dropout_key=dropout_key
         )
         nll_BxL, z_BxL = token_losses(logits_BxLxV, batch["targets"], self.z_loss)
         w_BxL = batch["weights"]
-        metrics = {"nll_sum": jnp.sum(nll_BxL * w_BxL), "weight_sum": jnp.sum(w_BxL)}
+        metrics = {"nll_sum": row_sum(nll_BxL * w_BxL), "weight_sum": row_sum(w_BxL)}
         if evaluating:
             correct_BxL = logits_BxLxV.argmax(-1) == batch["targets"]
-            metrics["correct_sum"] = jnp.sum(correct_BxL * w_BxL)
+            metrics["correct_sum"] = row_sum(correct_BxL * w_BxL)
         return jnp.sum((nll_BxL + z_BxL) * w_BxL), metrics
 
 
@@ -97,11 +104,11 @@ class SequenceClassification:
     label_smoothing: float = 0.0
 
     def loss(self, model, batch: Batch, dropout_key=None, evaluating: bool = False):
-        """(summed training loss, sums); `evaluating` adds `predictions` [B]."""
+        """(summed training loss, per-row sums [B]); `evaluating` adds `predictions` [B]."""
         logits_BxC = _task_outputs(model, batch, dropout_key)
         w_B = batch["example_weights"] * _class_weight(self.class_weights, batch["label"])
         nll_B, loss_B = class_losses(logits_BxC, batch["label"], self.label_smoothing)
-        metrics = {"nll_sum": jnp.sum(nll_B * w_B), "weight_sum": jnp.sum(w_B)}
+        metrics = {"nll_sum": nll_B * w_B, "weight_sum": w_B}
         if evaluating:
             metrics["predictions"] = logits_BxC.argmax(-1)
         return jnp.sum(loss_B * w_B), metrics
@@ -119,17 +126,21 @@ class Regression:
     std: tuple[float, ...] = ()
 
     def loss(self, model, batch: Batch, dropout_key=None, evaluating: bool = False):
-        """(summed squared error, sums over the B·T values); `evaluating` adds `predictions`."""
+        """(summed squared error, per-row sums over the T values [B]); `evaluating` adds
+        `predictions`."""
         out_BxT = _task_outputs(model, batch, dropout_key)
         mean_T = jnp.asarray(self.mean or 0.0, jnp.float32)
         std_T = jnp.asarray(self.std or 1.0, jnp.float32)
         err_BxT = out_BxT - (batch["target"] - mean_T) / std_T
         w_Bx1 = batch["example_weights"][:, None]
-        squared = jnp.sum(jnp.square(err_BxT) * w_Bx1)
-        metrics = {"nll_sum": squared, "weight_sum": jnp.sum(w_Bx1) * out_BxT.shape[-1]}
+        squared_BxT = jnp.square(err_BxT) * w_Bx1
+        metrics = {
+            "nll_sum": row_sum(squared_BxT),
+            "weight_sum": batch["example_weights"] * out_BxT.shape[-1],
+        }
         if evaluating:
             metrics["predictions"] = out_BxT * std_T + mean_T
-        return squared, metrics
+        return jnp.sum(squared_BxT), metrics
 
 
 @dataclass(frozen=True)
@@ -140,12 +151,13 @@ class TokenClassification:
     label_smoothing: float = 0.0
 
     def loss(self, model, batch: Batch, dropout_key=None, evaluating: bool = False):
-        """(summed training loss, sums over scored positions); `evaluating` adds `predictions`."""
+        """(summed training loss, per-row sums over scored positions [B]); `evaluating` adds
+        `predictions`."""
         logits_BxLxC = _task_outputs(model, batch, dropout_key)
         tags_BxL = jnp.maximum(batch["tags"], 0)  # ignored positions carry -1 and weight 0
         w_BxL = batch["tag_weights"] * _class_weight(self.class_weights, tags_BxL)
         nll_BxL, loss_BxL = class_losses(logits_BxLxC, tags_BxL, self.label_smoothing)
-        metrics = {"nll_sum": jnp.sum(nll_BxL * w_BxL), "weight_sum": jnp.sum(w_BxL)}
+        metrics = {"nll_sum": row_sum(nll_BxL * w_BxL), "weight_sum": row_sum(w_BxL)}
         if evaluating:
             metrics["predictions"] = logits_BxLxC.argmax(-1)
         return jnp.sum(loss_BxL * w_BxL), metrics

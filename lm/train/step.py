@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from lm.parallel import constrain
 from lm.train.objectives import Batch
 from lm.train.state import TrainState
 
@@ -20,6 +21,19 @@ def _micro_batches(batch: Batch, n: int) -> Batch:
     device idles and no rows move between devices.
     """
     return jax.tree.map(lambda x: jnp.swapaxes(x.reshape(-1, n, *x.shape[1:]), 0, 1), batch)
+
+
+def reduce_sums(metrics: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    """Per-row metric sums (`*_sum`, [B]) → scalars; other metrics (`predictions`) pass through.
+
+    The [B] vector is first gathered whole onto every device (an exact copy) and then added up
+    locally, so every mesh and every process count add the same values in the same order and
+    the totals are bit-identical. A cross-device all-reduce would add per-device partial sums in
+    an order that depends on the collective (XLA's in-process CPU one differs from gloo's).
+    """
+    return {
+        k: jnp.sum(constrain(v, (None,))) if k.endswith("_sum") else v for k, v in metrics.items()
+    }
 
 
 def make_train_step(
@@ -35,7 +49,11 @@ def make_train_step(
     def loss_fn(params, batch, key):
         return objective.loss(nnx.merge(graphdef, params), batch, key)
 
-    grad_fn = jax.grad(loss_fn, has_aux=True)
+    grad_of_loss = jax.grad(loss_fn, has_aux=True)
+
+    def grad_fn(params, batch, key):
+        grads, sums = grad_of_loss(params, batch, key)
+        return grads, reduce_sums(sums)
 
     def step(state: TrainState, batch: Batch):
         key = (
@@ -72,10 +90,10 @@ def make_train_step(
 
 
 def make_eval_step(graphdef: nnx.GraphDef, objective) -> Callable[[nnx.State, Batch], dict]:
-    """A jitted `eval(params, batch) -> summed metrics` (no dropout, no update)."""
+    """A jitted `eval(params, batch) -> metrics`: scalar sums plus any `predictions` [B, ...]."""
 
     def evaluate(params, batch: Batch):
-        _, sums = objective.loss(nnx.merge(graphdef, params), batch, None, evaluating=True)
-        return sums
+        _, metrics = objective.loss(nnx.merge(graphdef, params), batch, None, evaluating=True)
+        return reduce_sums(metrics)
 
     return jax.jit(evaluate)
