@@ -124,6 +124,10 @@ def losses(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["train/loss"] for r in records if "train/loss" in r}
 
 
+def final_eval(run_dir: Path) -> dict[str, float]:
+    return json.loads((run_dir / "final_eval.json").read_text())
+
+
 def params_at(run_dir: Path, step: int) -> list[np.ndarray]:
     from lm.runs import load_run
 
@@ -149,6 +153,8 @@ def test_two_processes_match_one_process_and_checkpoints_move_between_them(works
     assert "resumed from step 5" in two_then_one and "resumed from step 5" in one_then_two
     assert_bitwise_equal(params_at(two, 6), params_at(one, 6))
     assert losses(one)[6] == losses(two)[6]
+    # The final validation (eval step) of the 2-process run equals the 1-process one exactly.
+    assert final_eval(one) == final_eval(two)
 
 
 @pytest.mark.slow
