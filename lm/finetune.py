@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
+import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import yaml
+from etils import epath
 from flax import nnx
 from jax.experimental import multihost_utils
 
@@ -239,7 +240,7 @@ def padded_batches(
 
 
 def finetune_tokenizer(
-    cfg: Config, run_dir: Path, init_tokenizer: TextTokenizer | None, train_inputs: list
+    cfg: Config, run_dir: epath.Path, init_tokenizer: TextTokenizer | None, train_inputs: list
 ) -> TextTokenizer:
     """This run's tokenizer (kept on resume), else init_from's, data.tokenizer, or a new one."""
     own = run_tokenizer_file(run_dir)
@@ -249,9 +250,13 @@ def finetune_tokenizer(
         tokenizer = init_tokenizer or load_tokenizer(cfg.data.tokenizer)
     else:
         texts = [t if isinstance(t, str) else " ".join(t) for t in train_inputs]
-        tokenizer = train_tokenizer(
-            texts, run_dir / "tokenizer.model", cfg.model.vocab_size, cfg.data.tokenizer_type
-        )
+        # SentencePiece writes local files only: train in a local folder, keep it in the run.
+        with tempfile.TemporaryDirectory() as tmp:
+            model = Path(tmp) / "tokenizer.model"
+            train_tokenizer(texts, model, cfg.model.vocab_size, cfg.data.tokenizer_type)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            epath.Path(model).copy(run_dir / "tokenizer.model", overwrite=True)
+        tokenizer = load_tokenizer(run_dir / "tokenizer.model")
     if tokenizer.vocab_size != cfg.model.vocab_size:
         raise ConfigError(
             f"Tokenizer {tokenizer.path} has {tokenizer.vocab_size} pieces but "
@@ -521,32 +526,43 @@ def evaluate_task(
     return results
 
 
-def answer_scores(
-    cfg: Config, model: nnx.Module, tokenizer: TextTokenizer, examples: Examples, mesh
-) -> dict[str, float]:
-    """Exact match and token F1 of greedy answers (through `lm generate`'s Generator)."""
-    from lm.generate import Generator
+class AnswerScorer:
+    """Exact match and token F1 of greedy answers, through `lm generate`'s Generator.
 
-    f = cfg.finetune
-    inputs, answers = examples
-    if f.generate_examples:
-        inputs, answers = inputs[: f.generate_examples], answers[: f.generate_examples]
-    prompts = tokenizer.encode_batch([f.template.replace("{input}", x) for x in inputs])
-    max_len = cfg.data.seq_len + f.max_new_tokens
-    generator = Generator(model, tokenizer, mesh=mesh, max_len=min(max_len, cfg.model.max_seq_len))
-    bos = frame_ids(tokenizer)[0]
-    completions = generator.generate_ids(
-        [[bos, *p] for p in prompts],
-        max_new_tokens=f.max_new_tokens,
-        temperature=0.0,
-        stop=["\n"],
-        truncate_prompt=True,
-    )
-    predicted = [c.text for c in completions]
-    return {
-        "exact_match": task_metrics.exact_match(answers, predicted),
-        "token_f1": task_metrics.token_f1(answers, predicted),
-    }
+    One Generator serves every evaluation of a run: each call hands it the current weights,
+    so its decoding functions compile once rather than at every evaluation.
+    """
+
+    def __init__(self, cfg: Config, tokenizer: TextTokenizer, mesh):
+        self.cfg, self.tokenizer, self.mesh = cfg, tokenizer, mesh
+        self.generator = None
+
+    def __call__(self, model: nnx.Module, examples: Examples) -> dict[str, float]:
+        from lm.generate import Generator
+
+        f = self.cfg.finetune
+        if self.generator is None:
+            max_len = min(self.cfg.data.seq_len + f.max_new_tokens, self.cfg.model.max_seq_len)
+            self.generator = Generator(model, self.tokenizer, mesh=self.mesh, max_len=max_len)
+        else:
+            self.generator.set_weights(model)
+        inputs, answers = examples
+        if f.generate_examples:
+            inputs, answers = inputs[: f.generate_examples], answers[: f.generate_examples]
+        prompts = self.tokenizer.encode_batch([f.template.replace("{input}", x) for x in inputs])
+        bos = frame_ids(self.tokenizer)[0]
+        completions = self.generator.generate_ids(
+            [[bos, *p] for p in prompts],
+            max_new_tokens=f.max_new_tokens,
+            temperature=0.0,
+            stop=["\n"],
+            truncate_prompt=True,
+        )
+        predicted = [c.text for c in completions]
+        return {
+            "exact_match": task_metrics.exact_match(answers, predicted),
+            "token_f1": task_metrics.token_f1(answers, predicted),
+        }
 
 
 class BestCheckpoint:
@@ -556,7 +572,7 @@ class BestCheckpoint:
     restart through `best.json`.
     """
 
-    def __init__(self, run_dir: Path, cfg: Config, tokenizer: TextTokenizer):
+    def __init__(self, run_dir: epath.Path, cfg: Config, tokenizer: TextTokenizer):
         self.directory = run_dir / "best"
         f = cfg.finetune
         self.metric = f.metric or FINETUNE_METRICS[f.task][0]
@@ -573,7 +589,7 @@ class BestCheckpoint:
             (self.directory / "config.yaml").write_text(
                 yaml.safe_dump(to_dict(cfg), sort_keys=False)
             )
-            shutil.copyfile(tokenizer.path, self.directory / tokenizer.file_name)
+            tokenizer.path.copy(self.directory / tokenizer.file_name, overwrite=True)
 
     def update(self, step: int, state: TrainState, results: dict[str, float]) -> None:
         """Save `state`'s params if `results` improve on the best so far."""
@@ -606,7 +622,7 @@ def finetune(cfg: Config) -> dict[str, float]:
             "finetune.task is empty; set it to classification, regression, token_labels or "
             "text_to_text (see configs/finetune/)."
         )
-    run_dir = Path(cfg.train.run_dir)
+    run_dir = epath.Path(cfg.train.run_dir)  # local or gs://
     mesh = make_mesh(cfg.mesh)
     check_batch_fits_mesh(cfg, mesh)
     checkpointer = Checkpointer(run_dir / "checkpoints", cfg.checkpoint)
@@ -625,7 +641,7 @@ def finetune(cfg: Config) -> dict[str, float]:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         if tokenizer.path != run_dir / tokenizer.file_name:
-            shutil.copyfile(tokenizer.path, run_dir / tokenizer.file_name)
+            tokenizer.path.copy(run_dir / tokenizer.file_name, overwrite=True)
 
     writer = MetricsWriter(run_dir, cfg.train.steps)
     for note in notes:
@@ -660,6 +676,7 @@ def finetune(cfg: Config) -> dict[str, float]:
         eval_step = make_eval_step(graphdef, objective)
         rows_sharding = batch_sharding(mesh)
         batches = ExampleBatches(train, cfg.data.batch_size, cfg.data.seed)
+        answer_scores = AnswerScorer(cfg, tokenizer, mesh)
 
         def batch_at(step: int):
             return to_global(batches.local_batch(step), rows_sharding)
@@ -671,7 +688,7 @@ def finetune(cfg: Config) -> dict[str, float]:
                 model = merge_lora(model) if isinstance(model, LoraModel) else model
 
                 def generate():
-                    return answer_scores(cfg, model, tokenizer, examples[split], mesh)
+                    return answer_scores(model, examples[split])
 
             return evaluate_task(
                 cfg, eval_step, current.params, encoded[split][0], rows_sharding, generate, limit
@@ -727,14 +744,16 @@ def finetune(cfg: Config) -> dict[str, float]:
     return final
 
 
-def export_merged(cfg: Config, graphdef: nnx.GraphDef, params: nnx.State, run_dir: Path) -> None:
+def export_merged(
+    cfg: Config, graphdef: nnx.GraphDef, params: nnx.State, run_dir: epath.Path
+) -> None:
     """Write `run_dir/merged`: the same model with LoRA folded into its weights (no adapters)."""
     merged = nnx.state(merge_lora(nnx.merge(graphdef, params)))
     plain = dataclasses.replace(cfg, finetune=dataclasses.replace(cfg.finetune, lora_rank=0))
     write_params_run(run_dir / "merged", plain, merged, {"merged_from": str(run_dir)})
     if jax.process_index() == 0:
         own = run_tokenizer_file(run_dir)
-        shutil.copyfile(own, run_dir / "merged" / own.name)
+        own.copy(run_dir / "merged" / own.name, overwrite=True)
 
 
 def _stats_line(split: str, stats: TaskStats, seq_len: int) -> str:

@@ -230,6 +230,20 @@ class Generator:
         run = load_run(run_dir, step=step, mesh=mesh)
         return cls(run.model, run.tokenizer, mesh=run.mesh)
 
+    def set_weights(self, model: nnx.Module) -> None:
+        """Generate with `model`'s weights from now on (e.g. after more training steps).
+
+        `model` must have this generator's architecture; with the same shapes and shardings
+        the compiled functions are reused, with no new compilation.
+        """
+        graphdef, params = nnx.split(model)
+        if graphdef != self.graphdef:
+            raise ValueError(
+                f"set_weights got a {type(model).__name__} of another architecture than this "
+                "generator's; build a new Generator for it."
+            )
+        self.params = params
+
     # ---- jitted pieces ------------------------------------------------------------------
 
     def _prefill_fn(self, params, tokens_BxP, pads_B, key, *, slots: int) -> DecodeState:

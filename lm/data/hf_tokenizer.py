@@ -10,12 +10,14 @@ the file's special added tokens by their usual spellings.
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
+from etils import epath
 
 try:
     import tokenizers
@@ -40,18 +42,19 @@ class HfTokenizer:
 
     file_name: ClassVar[str] = "tokenizer.json"
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | os.PathLike):
         if tokenizers is None:
             raise ImportError(
                 f"Reading {path} needs the `tokenizers` library; install the extra: "
                 "pip install 'lm[hf]'."
             )
-        self.path = Path(path)
-        self._tk = tokenizers.Tokenizer.from_file(str(self.path))
+        self.path = epath.Path(path)  # local or gs://
+        text = self.path.read_text()
+        self._tk = tokenizers.Tokenizer.from_str(text)
         # A saved tokenizer.json often pads/truncates to a fixed length; task code does both.
         self._tk.no_padding()
         self._tk.no_truncation()
-        self._spec = json.loads(self.path.read_text())
+        self._spec = json.loads(text)
         self._pieces: list[str] | None = None
         for role, token in self._special_tokens().items():
             setattr(self, role, None if token is None else self._tk.token_to_id(token))

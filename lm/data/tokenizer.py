@@ -22,6 +22,7 @@ from typing import ClassVar, Protocol
 
 import numpy as np
 import sentencepiece as spm
+from etils import epath
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 MASK_ID, SEP_ID, CLS_ID = 4, 5, 6
@@ -37,7 +38,7 @@ RUN_TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")
 class TextTokenizer(Protocol):
     """What the data, fine-tuning and generation code needs from a tokenizer."""
 
-    path: Path
+    path: epath.Path  # local or gs://
     file_name: ClassVar[str]
     pad: int | None
     bos: int | None
@@ -61,9 +62,9 @@ class Tokenizer:
 
     file_name: ClassVar[str] = "tokenizer.model"
 
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        self._sp = spm.SentencePieceProcessor(model_file=str(self.path))
+    def __init__(self, path: str | os.PathLike):
+        self.path = epath.Path(path)  # local or gs://
+        self._sp = spm.SentencePieceProcessor(model_proto=self.path.read_bytes())
         self._pieces: list[str] | None = None
         self.pad = _present(self._sp.pad_id())
         self.unk = _present(self._sp.unk_id())
@@ -115,10 +116,10 @@ def _present(i: int) -> int | None:
     return i if i >= 0 else None  # SentencePiece reports an absent special token as -1
 
 
-def load_tokenizer(path: str | Path) -> TextTokenizer:
+def load_tokenizer(path: str | os.PathLike) -> TextTokenizer:
     """Load a SentencePiece `.model` (e.g. from `train_tokenizer`) or a Hugging Face
-    `tokenizer.json` (needs the `[hf]` extra)."""
-    path = Path(path).expanduser()
+    `tokenizer.json` (needs the `[hf]` extra), local or gs://."""
+    path = epath.Path(os.path.expanduser(os.fspath(path)))
     if not path.is_file():
         raise FileNotFoundError(
             f"Tokenizer model {path} does not exist; set data.tokenizer to an existing "
@@ -132,11 +133,11 @@ def load_tokenizer(path: str | Path) -> TextTokenizer:
     return Tokenizer(path)
 
 
-def run_tokenizer_file(run_dir: str | Path) -> Path | None:
-    """The tokenizer file a run directory holds (tokenizer.model preferred), or None."""
+def run_tokenizer_file(run_dir: str | os.PathLike) -> epath.Path | None:
+    """The tokenizer file a run directory (local or gs://) holds, tokenizer.model first."""
     for name in RUN_TOKENIZER_FILES:
-        if (Path(run_dir) / name).is_file():
-            return Path(run_dir) / name
+        if (epath.Path(run_dir) / name).is_file():
+            return epath.Path(run_dir) / name
     return None
 
 
