@@ -589,7 +589,7 @@ class BestCheckpoint:
             (self.directory / "config.yaml").write_text(
                 yaml.safe_dump(to_dict(cfg), sort_keys=False)
             )
-            tokenizer.path.copy(self.directory / tokenizer.file_name, overwrite=True)
+            tokenizer.save(self.directory)
 
     def update(self, step: int, state: TrainState, results: dict[str, float]) -> None:
         """Save `state`'s params if `results` improve on the best so far."""
@@ -640,8 +640,7 @@ def finetune(cfg: Config) -> dict[str, float]:
     if jax.process_index() == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-        if tokenizer.path != run_dir / tokenizer.file_name:
-            tokenizer.path.copy(run_dir / tokenizer.file_name, overwrite=True)
+        tokenizer.save(run_dir)
 
     writer = MetricsWriter(run_dir, cfg.train.steps)
     for note in notes:
@@ -736,7 +735,7 @@ def finetune(cfg: Config) -> dict[str, float]:
             "final: " + ", ".join(f"{k} {v:.4g}" for k, v in final.items() if v is not None)
         )
         if f.lora_rank:
-            export_merged(cfg, graphdef, state.params, run_dir)
+            export_merged(cfg, graphdef, state.params, run_dir, tokenizer)
             writer.print(f"LoRA merged into the base weights: {run_dir / 'merged'}")
     if jax.process_index() == 0:
         (run_dir / "final_eval.json").write_text(json.dumps(final, indent=2))
@@ -745,15 +744,18 @@ def finetune(cfg: Config) -> dict[str, float]:
 
 
 def export_merged(
-    cfg: Config, graphdef: nnx.GraphDef, params: nnx.State, run_dir: epath.Path
+    cfg: Config,
+    graphdef: nnx.GraphDef,
+    params: nnx.State,
+    run_dir: epath.Path,
+    tokenizer: TextTokenizer,
 ) -> None:
     """Write `run_dir/merged`: the same model with LoRA folded into its weights (no adapters)."""
     merged = nnx.state(merge_lora(nnx.merge(graphdef, params)))
     plain = dataclasses.replace(cfg, finetune=dataclasses.replace(cfg.finetune, lora_rank=0))
     write_params_run(run_dir / "merged", plain, merged, {"merged_from": str(run_dir)})
     if jax.process_index() == 0:
-        own = run_tokenizer_file(run_dir)
-        own.copy(run_dir / "merged" / own.name, overwrite=True)
+        tokenizer.save(run_dir / "merged")
 
 
 def _stats_line(split: str, stats: TaskStats, seq_len: int) -> str:

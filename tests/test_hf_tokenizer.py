@@ -113,10 +113,13 @@ def test_run_prefers_tokenizer_model_over_tokenizer_json(tmp_path, sentencepiece
     assert load_tokenizer(run_tokenizer_file(tmp_path)).vocab_size == 300
 
 
-def test_special_tokens_map_names_the_special_tokens(tmp_path):
+def test_special_tokens_map_names_the_special_tokens_and_travels_with_save(tmp_path):
     shutil.copyfile(MINILM / "tokenizer.json", tmp_path / "tokenizer.json")
     (tmp_path / "special_tokens_map.json").write_text(
         json.dumps({"bos_token": "[CLS]", "eos_token": {"content": "[SEP]"}})
     )
     tokenizer = load_tokenizer(tmp_path / "tokenizer.json")
     assert (tokenizer.bos, tokenizer.eos, tokenizer.cls) == (101, 102, 101)
+    tokenizer.save(tmp_path / "run")
+    saved = load_tokenizer(run_tokenizer_file(tmp_path / "run"))
+    assert (saved.bos, saved.eos, saved.cls) == (101, 102, 101)

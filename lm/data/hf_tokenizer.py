@@ -34,6 +34,7 @@ _SPELLINGS = {
     "sep": ("[SEP]", "<sep>"),
     "cls": ("[CLS]", "<cls>"),
 }
+SPECIAL_TOKENS_MAP = "special_tokens_map.json"
 _BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")  # byte fallback (Llama's SentencePiece vocab)
 
 
@@ -68,7 +69,7 @@ class HfTokenizer:
             for role, spellings in _SPELLINGS.items()
         }
         named["unk"] = named["unk"] or unk
-        listed = self.path.parent / "special_tokens_map.json"
+        listed = self.path.parent / SPECIAL_TOKENS_MAP
         if listed.is_file():
             for key, value in json.loads(listed.read_text()).items():
                 role = key.removesuffix("_token")
@@ -92,6 +93,19 @@ class HfTokenizer:
     def decode(self, ids: Iterable[int]) -> str:
         """The text of `ids`; special tokens are dropped."""
         return self._tk.decode([int(i) for i in ids], skip_special_tokens=True)
+
+    def save(self, directory: str | os.PathLike) -> None:
+        """Copy tokenizer.json and its special_tokens_map.json into the run directory
+        `directory` (local or gs://)."""
+        directory = epath.Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        listed = self.path.parent / SPECIAL_TOKENS_MAP
+        for src, dst in (
+            (self.path, directory / self.file_name),
+            (listed, directory / listed.name),
+        ):
+            if dst != src and src.is_file():
+                src.copy(dst, overwrite=True)
 
     def pieces(self) -> list[str]:
         """Each id's token text as the vocabulary spells it (e.g. '##ing', 'Ġthe', '▁the')."""

@@ -2,8 +2,8 @@
 Hugging Face `tokenizer.json` files (`lm.data.hf_tokenizer`), behind one interface.
 
 Every tokenizer has encode/encode_batch/decode/pieces/token_bytes/vocab_size, its file `path`,
-the `file_name` a run directory stores it under, and the special ids `pad`, `bos`, `eos`,
-`unk`, `mask`, `sep`, `cls` (None where the vocabulary has no such token).
+the `file_name` a run directory stores it under (`save` copies it there), and the special ids
+`pad`, `bos`, `eos`, `unk`, `mask`, `sep`, `cls` (None where the vocabulary has no such token).
 
 Ids 0-6 are fixed for every model trained here, so objectives can name them without a
 tokenizer at hand: pad, unk, bos, eos (control pieces) and `<mask>`, `<sep>`, `<cls>`
@@ -55,6 +55,7 @@ class TextTokenizer(Protocol):
     def decode(self, ids: Iterable[int]) -> str: ...
     def pieces(self) -> list[str]: ...
     def token_bytes(self) -> np.ndarray: ...
+    def save(self, directory: str | os.PathLike) -> None: ...
 
 
 class Tokenizer:
@@ -94,6 +95,13 @@ class Tokenizer:
         """The text of `ids`; pad, bos and eos are dropped."""
         dropped = (self.pad, self.bos, self.eos)
         return self._sp.decode([int(i) for i in ids if i not in dropped])
+
+    def save(self, directory: str | os.PathLike) -> None:
+        """Copy the model into the run directory `directory` (local or gs://)."""
+        epath.Path(directory).mkdir(parents=True, exist_ok=True)
+        dst = epath.Path(directory) / self.file_name
+        if dst != self.path:
+            self.path.copy(dst, overwrite=True)
 
     def pieces(self) -> list[str]:
         """Each id's piece text, e.g. '\u2581the' ('\u2581' marks a leading space); read once."""
