@@ -3,15 +3,17 @@
 The prompt batch is left-padded to a bucketed length (a power of two), run through the model
 once to fill a preallocated KV cache (`lm.model.kv_cache`), and each new token costs one jitted
 step that attends to that cache. Shapes depend only on (batch, prompt bucket, cache bucket), so a
-session of prompts of varying length compiles a handful of times. Sampling (temperature, top-k,
-top-p, min-p, repetition penalty) runs on device; stop strings and streaming run on the host one
-step behind the device, so the next step is already queued while a token is printed.
+session of prompts of varying length compiles a handful of times. Sampling (`lm.sampling`:
+temperature, top-k, top-p, min-p, repetition penalty) and beam search (`lm.beam_search`) run on
+device; stop strings and streaming run on the host one step behind the device, so the next step
+is already queued while a token is printed. BOS, EOS and padding ids come from the tokenizer.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import sys
@@ -25,8 +27,10 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from lm.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer
+from lm.beam_search import BeamOptions, BeamSearch, beam_step
+from lm.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, TextTokenizer
 from lm.model.kv_cache import KVCache
+from lm.sampling import Sampling, choose_tokens, token_logprobs
 
 _MIN_BUCKET = 16
 
@@ -41,18 +45,6 @@ class Completion:
     tokens: list[int]
     logprobs: list[float]
     finish_reason: str  # "eos" | "stop" | "length"
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class Sampling:
-    """Sampling settings as device scalars, so changing them never recompiles."""
-
-    temperature: jax.Array
-    top_k: jax.Array
-    top_p: jax.Array
-    min_p: jax.Array
-    repetition_penalty: jax.Array
 
 
 @jax.tree_util.register_dataclass
@@ -75,102 +67,13 @@ def bucket(n: int, minimum: int = _MIN_BUCKET) -> int:
     return max(minimum, 1 << math.ceil(math.log2(max(n, 1))))
 
 
-def penalize_repeats(logits_BxV: jax.Array, seen_BxV: jax.Array, penalty: jax.Array) -> jax.Array:
-    """CTRL's repetition penalty: seen tokens' logits divided by `penalty` (multiplied if < 0)."""
-    penalized = jnp.where(logits_BxV > 0, logits_BxV / penalty, logits_BxV * penalty)
-    return jnp.where(seen_BxV, penalized, logits_BxV)
-
-
-def filter_logits(logits_BxV: jax.Array, top_k: jax.Array, top_p: jax.Array, min_p: jax.Array):
-    """Logits with every token outside the top-k, the top-p nucleus or the min-p set at -inf.
-
-    The filters compose as Hugging Face's logits warpers (top-k, then top-p on the top-k's
-    renormalized distribution, then min-p). top_k = 0, top_p = 1 and min_p = 0 each disable
-    their filter; the most likely token always survives. Ties at a cut-off are kept.
-    """
-    sorted_BxV = jnp.flip(jnp.sort(logits_BxV, axis=-1), axis=-1)
-    vocab = logits_BxV.shape[-1]
-    k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)
-    kth_Bx1 = jnp.take(sorted_BxV, k - 1, axis=-1)[:, None]
-    sorted_BxV = jnp.where(sorted_BxV >= kth_Bx1, sorted_BxV, -jnp.inf)
-    probs_BxV = jax.nn.softmax(sorted_BxV, axis=-1)
-    # Nucleus: a token stays while the mass strictly before it is below top_p.
-    mass_before_BxV = jnp.cumsum(probs_BxV, axis=-1) - probs_BxV
-    last_in_nucleus_B = jnp.sum(mass_before_BxV < top_p, axis=-1) - 1
-    nucleus_Bx1 = jnp.take_along_axis(sorted_BxV, last_in_nucleus_B[:, None], axis=-1)
-    # min-p: p >= min_p * p_max  <=>  logit >= logit_max + log(min_p).
-    min_p_Bx1 = sorted_BxV[:, :1] + jnp.log(jnp.maximum(min_p, 1e-30))
-    threshold_Bx1 = jnp.maximum(jnp.maximum(kth_Bx1, nucleus_Bx1), min_p_Bx1)
-    threshold_Bx1 = jnp.minimum(threshold_Bx1, sorted_BxV[:, :1])
-    return jnp.where(logits_BxV >= threshold_Bx1, logits_BxV, -jnp.inf)
-
-
-def choose_tokens(
-    logits_BxV: jax.Array, seen_BxV: jax.Array, sampling: Sampling, key: jax.Array, greedy: bool
-) -> jax.Array:
-    """Next token of every row: argmax, or a draw from the penalized, tempered, filtered logits."""
-    logits_BxV = penalize_repeats(logits_BxV, seen_BxV, sampling.repetition_penalty)
-    if greedy:
-        return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
-    logits_BxV = filter_logits(
-        logits_BxV / sampling.temperature, sampling.top_k, sampling.top_p, sampling.min_p
-    )
-    return jax.random.categorical(key, logits_BxV, axis=-1).astype(jnp.int32)
-
-
-def _token_logprobs(logits_BxV: jax.Array, tokens_B: jax.Array) -> jax.Array:
-    return jnp.take_along_axis(jax.nn.log_softmax(logits_BxV, axis=-1), tokens_B[:, None], -1)[:, 0]
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class _Beams:
-    """N hypotheses per prompt (B) over T generated positions, best first."""
-
-    scores_BxN: jax.Array  # running: summed log-probs; finished: length-penalized, -inf = empty
-    lengths_BxN: jax.Array  # generated tokens, EOS included
-    tokens_BxNxT: jax.Array
-    logprobs_BxNxT: jax.Array  # each token's log-probability under the model
-
-    @classmethod
-    def empty(cls, batch: int, num_beams: int, steps: int, scores_BxN: jax.Array) -> _Beams:
-        return cls(
-            scores_BxN=scores_BxN,
-            lengths_BxN=jnp.zeros((batch, num_beams), jnp.int32),
-            tokens_BxNxT=jnp.full((batch, num_beams, steps), PAD_ID, jnp.int32),
-            logprobs_BxNxT=jnp.zeros((batch, num_beams, steps), jnp.float32),
-        )
-
-    def take(self, index_BxK: jax.Array) -> _Beams:
-        """Hypotheses `index_BxK` of every prompt."""
-        pick = lambda x: jnp.take_along_axis(  # noqa: E731
-            x, index_BxK.reshape(index_BxK.shape + (1,) * (x.ndim - 2)), axis=1
-        )
-        return jax.tree.map(pick, self)
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class _BeamSearch:
-    """Hugging Face's beam search state: the running beams that are extended, the best finished
-    hypotheses, and whether each prompt may still improve them."""
-
-    running: _Beams
-    finished: _Beams
-    open_B: jax.Array
-    step: jax.Array
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class _BeamOptions:
-    """Beam search settings as device scalars, so changing them never recompiles."""
-
-    length_penalty: jax.Array
-    repetition_penalty: jax.Array
-    stop_when_full: jax.Array  # early_stopping=True
-    assume_longest: jax.Array  # early_stopping="never"
-    steps: jax.Array  # decode steps of this call (the last one ends every beam)
+def special_ids(tokenizer: TextTokenizer | None) -> tuple[int | None, int | None, int]:
+    """(bos, eos, pad) of generation: the tokenizer's (None where it has no such token; pad
+    falls back to 0), or without a tokenizer the fixed ids of the SentencePiece models trained
+    here."""
+    if tokenizer is None:
+        return BOS_ID, EOS_ID, PAD_ID
+    return tokenizer.bos, tokenizer.eos, 0 if tokenizer.pad is None else tokenizer.pad
 
 
 @dataclasses.dataclass
@@ -190,12 +93,14 @@ class Generator:
 
     `model` is a causal-LM `Transformer` (params already placed, e.g. sharded on `mesh` as in
     training); `max_len` caps prompt + generated tokens (default: the model's context).
+    Text prompts are led by the tokenizer's BOS (nothing where it has none: GPT-2's BOS is its
+    <|endoftext|>, Llama's <s>) and a row ends at its EOS; see `special_ids`.
     """
 
     def __init__(
         self,
         model: nnx.Module,
-        tokenizer: Tokenizer | None,
+        tokenizer: TextTokenizer | None,
         *,
         mesh: Mesh | None = None,
         max_len: int | None = None,
@@ -206,6 +111,9 @@ class Generator:
                 "run trained with objective clm (a Transformer)."
             )
         self.tokenizer = tokenizer
+        self.bos, self.eos, self.pad = special_ids(tokenizer)
+        # Without an EOS no row ends early: no token has id -1.
+        self._stop_id = -1 if self.eos is None else self.eos
         self.mesh = mesh
         self.cfg = model.cfg
         self.max_len = max_len or model.cfg.max_seq_len
@@ -270,8 +178,8 @@ class Generator:
         model = nnx.merge(self.graphdef, params)
         key, sub = jax.random.split(state.key)
         tokens_B = choose_tokens(state.logits_BxV, state.seen_BxV, sampling, sub, greedy)
-        tokens_B = jnp.where(state.done_B, PAD_ID, tokens_B)
-        logprobs_B = _token_logprobs(state.logits_BxV, tokens_B)
+        tokens_B = jnp.where(state.done_B, self.pad, tokens_B)
+        logprobs_B = token_logprobs(state.logits_BxV, tokens_B)
         seen_BxV = state.seen_BxV.at[jnp.arange(tokens_B.shape[0]), tokens_B].set(True)
         logits_BxV, cache = self._forward_one(model, state, tokens_B)
         state = DecodeState(
@@ -280,77 +188,16 @@ class Generator:
             seen_BxV,
             state.pads_B,
             state.slot + 1,
-            state.done_B | (tokens_B == EOS_ID),
+            state.done_B | (tokens_B == self._stop_id),
             key,
         )
         return state, tokens_B, logprobs_B
 
-    def _beam_step_fn(self, params, state: DecodeState, search: _BeamSearch, options: _BeamOptions):
-        """One step of Hugging Face's beam search (`GenerationMixin._beam_search`): extend the
-        running beams, move the best candidates that end (EOS, or the last step) into the
-        finished set scored by summed log-prob / length ** length_penalty, continue with the
-        best N that did not end, and close prompts that can no longer improve."""
+    def _beam_step_fn(self, params, state: DecodeState, search: BeamSearch, options: BeamOptions):
         self.compiles += 1
         model = nnx.merge(self.graphdef, params)
-        prompts, num_beams = search.open_B.shape[0], search.running.scores_BxN.shape[1]
-        vocab = state.logits_BxV.shape[-1]
-        logp_BxV = jax.nn.log_softmax(state.logits_BxV, -1)
-        # Like HF, beam search applies the repetition penalty to log-probabilities.
-        scored_BxV = penalize_repeats(logp_BxV, state.seen_BxV, options.repetition_penalty)
-        total_BxNV = (
-            search.running.scores_BxN[..., None] + scored_BxV.reshape(prompts, num_beams, vocab)
-        ).reshape(prompts, -1)
-        # 2N candidates: even if N of them end in EOS, N remain to continue.
-        scores_BxC, flat_BxC = jax.lax.top_k(total_BxNV, 2 * num_beams)
-        parent_BxC, tokens_BxC = flat_BxC // vocab, (flat_BxC % vocab).astype(jnp.int32)
-        parents = search.running.take(parent_BxC)
-        candidates = _Beams(
-            scores_BxN=scores_BxC,
-            lengths_BxN=parents.lengths_BxN + 1,
-            tokens_BxNxT=parents.tokens_BxNxT.at[:, :, search.step].set(tokens_BxC),
-            logprobs_BxNxT=parents.logprobs_BxNxT.at[:, :, search.step].set(
-                jnp.take_along_axis(logp_BxV.reshape(prompts, -1), flat_BxC, axis=1)
-            ),
-        )
-        ends_BxC = (tokens_BxC == EOS_ID) | (search.step == options.steps - 1)
-
-        _, keep_BxN = jax.lax.top_k(jnp.where(ends_BxC, -jnp.inf, scores_BxC), num_beams)
-        running = candidates.take(keep_BxN)
-
-        length = (search.step + 1).astype(jnp.float32)
-        was_full_B = jnp.all(jnp.isfinite(search.finished.scores_BxN), axis=-1)
-        accepting_B = search.open_B & ~(options.stop_when_full & was_full_B)
-        # Only the best N candidates may finish; the other N are spares for the running set.
-        new_BxC = ends_BxC & (jnp.arange(2 * num_beams) < num_beams) & accepting_B[:, None]
-        ended = dataclasses.replace(
-            candidates,
-            scores_BxN=jnp.where(new_BxC, scores_BxC / length**options.length_penalty, -jnp.inf),
-        )
-        merged = jax.tree.map(lambda a, b: jnp.concatenate([a, b], axis=1), search.finished, ended)
-        finished = merged.take(jax.lax.top_k(merged.scores_BxN, num_beams)[1])
-
-        # HF's early_stopping=False heuristic: a prompt stays open while its best running beam,
-        # scored at its current length (with "never" and length_penalty > 0: at the longest),
-        # beats its worst finished hypothesis (or the finished set is not full yet).
-        assume_longest = options.assume_longest & (options.length_penalty > 0)
-        best_length = jnp.where(assume_longest, options.steps.astype(jnp.float32), length)
-        best_possible_B = running.scores_BxN[:, 0] / best_length**options.length_penalty
-        worst_B = jnp.min(finished.scores_BxN, axis=-1)
-        full_B = jnp.all(jnp.isfinite(finished.scores_BxN), axis=-1)
-        open_B = search.open_B & (~full_B | (best_possible_B > worst_B))
-        search = _BeamSearch(running, finished, open_B, search.step + 1)
-
-        rows = (
-            jnp.arange(prompts)[:, None] * num_beams
-            + jnp.take_along_axis(parent_BxC, keep_BxN, axis=1)
-        ).reshape(-1)
-        tokens_R = running.tokens_BxNxT[:, :, search.step - 1].reshape(-1)
-        seen_RxV = state.seen_BxV[rows].at[jnp.arange(rows.shape[0]), tokens_R].set(True)
-        state = dataclasses.replace(state, cache=state.cache.select_rows(rows), seen_BxV=seen_RxV)
-        logits_BxV, cache = self._forward_one(model, state, tokens_R)
-        state = dataclasses.replace(state, cache=cache, logits_BxV=logits_BxV, slot=state.slot + 1)
-        searching = jnp.any(open_B & ~(options.stop_when_full & full_B))
-        return state, search, searching
+        forward_one = functools.partial(self._forward_one, model)
+        return beam_step(state, search, options, forward_one, self._stop_id)
 
     # ---- public API ---------------------------------------------------------------------
 
@@ -361,16 +208,23 @@ class Generator:
         truncate_prompt: bool = False,
         **options,
     ) -> list[Completion]:
-        """Continue each text prompt (BOS-prefixed); options as in `generate_ids`."""
-        tokenizer = self._need_tokenizer("text prompts")
+        """Continue each text prompt (led by BOS, if the tokenizer has one); options as in
+        `generate_ids`."""
+        self._need_tokenizer("text prompts")
         for i, prompt in enumerate(prompts):
             if not prompt:
                 raise ValueError(
                     f"Prompt {i} is empty; give some text to continue (for an unconditional "
-                    f"sample, call generate_ids with [[{BOS_ID}]], the BOS id)."
+                    f"sample, call generate_ids with [[{self.bos}]], the BOS id)."
                 )
-        ids = [[BOS_ID, *row] for row in tokenizer.encode_batch(prompts)]
-        return self.generate_ids(ids, truncate_prompt=truncate_prompt, **options)
+        return self.generate_ids(
+            self.prompt_ids(prompts), truncate_prompt=truncate_prompt, **options
+        )
+
+    def prompt_ids(self, prompts: Sequence[str]) -> list[list[int]]:
+        """Token ids of each text prompt, led by BOS where the tokenizer has one."""
+        lead = [] if self.bos is None else [self.bos]
+        return [lead + row for row in self._need_tokenizer("text prompts").encode_batch(prompts)]
 
     def generate_ids(
         self,
@@ -449,7 +303,7 @@ class Generator:
 
     # ---- host-side bookkeeping ----------------------------------------------------------
 
-    def _need_tokenizer(self, what: str) -> Tokenizer:
+    def _need_tokenizer(self, what: str) -> TextTokenizer:
         if self.tokenizer is None:
             raise ValueError(
                 f"This generator has no tokenizer, which {what} need; pass one to Generator or "
@@ -479,8 +333,9 @@ class Generator:
 
     def _pack(self, prompts: list[list[int]], max_new_tokens: int, truncate: bool):
         """Left-padded [B, P] prompt tokens, padding per row, cache slots and the number of decode
-        steps. P and the slots are bucketed, and so is B: dummy rows (a lone BOS) fill the batch
-        to a power of two, so varying batch sizes share compilations; their output is dropped."""
+        steps. P and the slots are bucketed, and so is B: dummy rows (a lone pad token) fill the
+        batch to a power of two, so varying batch sizes share compilations; their output is
+        dropped."""
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}.")
         prompts = self._fit_prompts(prompts, truncate)
@@ -488,8 +343,8 @@ class Generator:
         steps = min(max_new_tokens, self.max_len - longest)
         length = bucket(longest)
         slots = bucket(length + steps)
-        prompts = prompts + [[BOS_ID]] * (bucket(len(prompts), minimum=1) - len(prompts))
-        tokens_BxP = np.full((len(prompts), length), PAD_ID, np.int32)
+        prompts = prompts + [[self.pad]] * (bucket(len(prompts), minimum=1) - len(prompts))
+        tokens_BxP = np.full((len(prompts), length), self.pad, np.int32)
         pads_B = np.array([length - len(p) for p in prompts], np.int32)
         for row, prompt in enumerate(prompts):
             tokens_BxP[row, pads_B[row] :] = prompt
@@ -521,7 +376,7 @@ class Generator:
             if row.finish_reason is not None:
                 continue
             token = int(tokens[index])
-            if token == EOS_ID:
+            if token == self._stop_id:
                 row.finish_reason = "eos"
             else:
                 row.tokens.append(token)
@@ -587,30 +442,11 @@ class Generator:
             self._need_tokenizer("stop strings")
         if num_beams < 1:
             raise ValueError(f"num_beams must be at least 1, got {num_beams}.")
-        if early_stopping not in (False, True, "never"):
-            raise ValueError(
-                f"early_stopping must be False, True or 'never', got {early_stopping!r}."
-            )
         tokens_BxP, pads_B, slots, steps = self._pack(prompts, max_new_tokens, truncate_prompt)
         batch = tokens_BxP.shape[0]
-        options = _BeamOptions(
-            length_penalty=jnp.float32(length_penalty),
-            repetition_penalty=jnp.float32(repetition_penalty),
-            stop_when_full=jnp.bool_(early_stopping is True),
-            assume_longest=jnp.bool_(early_stopping == "never"),
-            steps=jnp.int32(steps),
-        )
-        # Only the first beam is live at the start: the others would duplicate it.
-        first_only_BxN = jnp.tile(jnp.where(jnp.arange(num_beams) == 0, 0.0, -jnp.inf), (batch, 1))
-        history = bucket(steps)  # a static length for the token history, as for the cache
-        search = _BeamSearch(
-            running=_Beams.empty(batch, num_beams, history, first_only_BxN),
-            finished=_Beams.empty(
-                batch, num_beams, history, jnp.full((batch, num_beams), -jnp.inf)
-            ),
-            open_B=jnp.arange(batch) < len(prompts),  # dummy rows never finish anything
-            step=jnp.int32(0),
-        )
+        options = BeamOptions.of(length_penalty, early_stopping, repetition_penalty, steps)
+        # A static length for the token history, as for the cache.
+        search = BeamSearch.start(batch, len(prompts), num_beams, bucket(steps), self.pad)
         with self._mesh_context():
             state = self._prefill(
                 self.params,
@@ -633,7 +469,7 @@ class Generator:
         completions = []
         for index in range(len(prompts)):
             n = int(lengths[index])
-            ended = n > 0 and tokens[index, n - 1] == EOS_ID
+            ended = n > 0 and tokens[index, n - 1] == self._stop_id
             kept = n - 1 if ended else n
             row = _Row(
                 limit=steps,
@@ -656,7 +492,7 @@ class Generator:
 def sample_text(
     graphdef: nnx.GraphDef,
     params: nnx.State,
-    tokenizer: Tokenizer,
+    tokenizer: TextTokenizer,
     prompt: str,
     max_new_tokens: int,
     *,
@@ -668,7 +504,7 @@ def sample_text(
     """`prompt` (may be empty: an unconditional sample) and its sampled continuation."""
     generator = Generator(nnx.merge(graphdef, params), tokenizer, mesh=mesh, max_len=max_len)
     [completion] = generator.generate_ids(
-        [[BOS_ID, *tokenizer.encode(prompt)]],
+        generator.prompt_ids([prompt]),
         max_new_tokens=max_new_tokens,
         temperature=temperature,
         seed=seed,

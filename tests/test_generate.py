@@ -14,11 +14,12 @@ from scipy import stats
 from lm.cli import main
 from lm.config import Config, MeshConfig
 from lm.data.tokenizer import EOS_ID, train_tokenizer
-from lm.generate import Generator, filter_logits, penalize_repeats
+from lm.generate import Generator
 from lm.model import Transformer
 from lm.model.kv_cache import KVCache
 from lm.parallel import make_mesh, state_shardings
 from lm.runs import write_params_run
+from lm.sampling import filter_logits, penalize_repeats
 
 WORDS = ["the", "king", "queen", "and", "of", "to", "my", "lord", "is", "what", "thou", "hath"]
 VOCAB = 300
