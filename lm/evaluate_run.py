@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from lm.config import Config, ConfigError, load_config, to_dict, validate
 from lm.data.mlm import masked_eval_batches, masking_for, pseudo_perplexity_batches
-from lm.data.pipeline import eval_batches, rows_for, tokenize_documents
+from lm.data.pipeline import eval_batches, pad_id, rows_for, tokenize_documents
 from lm.data.sources import load_documents
 from lm.distributed import initialize, process_zero_first
 from lm.evaluate import evaluate_lm
@@ -102,8 +102,8 @@ def evaluate_run(
     run = load_run(run_dir, step=step, mesh=mesh)
     if run.tokenizer is None:
         raise FileNotFoundError(
-            f"{run_dir} has no tokenizer.model and its config names none; set data.tokenizer="
-            "PATH to the SentencePiece model the run was trained with."
+            f"{run_dir} has no tokenizer.model or tokenizer.json and its config names none; set "
+            "data.tokenizer=PATH to the tokenizer the run was trained with."
         )
     d = cfg.data
     # Process 0 builds a local source's TFDS copy (if it needs one) before the others read it.
@@ -118,7 +118,11 @@ def evaluate_run(
             f"Data source {d.source} has no '{split}' split; choose one of {sorted(documents)}."
         )
     rows, stats = rows_for(
-        tokenize_documents(run.tokenizer, documents[split]), d.seq_len, d.packing, d.stride
+        tokenize_documents(run.tokenizer, documents[split]),
+        d.seq_len,
+        d.packing,
+        d.stride,
+        pad_id(run.tokenizer),
     )
     # Rows split evenly over the batch-sharded devices; padding rows fill the last batch.
     shards = mesh.shape["data"] * mesh.shape["fsdp"]

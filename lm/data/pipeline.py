@@ -1,7 +1,8 @@
 """Tokenize, pack and batch text so that the batch at step N is a pure function of (data, seed, N).
 
 Rows hold `seq_len + 1` tokens (inputs and targets overlap by one) and come from documents
-(each led by BOS) in one of three ways (`data.packing`):
+(each led by the tokenizer's BOS, if it has one) in one of three ways (`data.packing`); padding
+is the tokenizer's pad id, else 0 (padding carries no loss and is masked from attention):
 
 - `pack`: concatenate all documents and cut the stream into rows, so every stream token but
   the first is a target exactly once; batches carry `segment_ids`/`positions` so attention
@@ -24,7 +25,12 @@ import numpy as np
 
 from lm.config import DataConfig
 from lm.data.sources import load_documents
-from lm.data.tokenizer import BOS_ID, PAD_ID, Tokenizer, load_tokenizer, train_tokenizer
+from lm.data.tokenizer import (
+    PAD_ID,
+    TextTokenizer,
+    load_tokenizer,
+    train_tokenizer,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,13 +38,15 @@ class PackedRows:
     """Token rows: `tokens`/`doc_ids` int32 [R, seq_len + 1]; doc id 0 marks padding.
 
     `scored` (bool [R, seq_len + 1], or None for all) says which targets carry loss; window
-    rows use it so that tokens kept only as left context are not scored twice.
+    rows use it so that tokens kept only as left context are not scored twice. `pad` is the
+    token id of padding (also of the padding rows `make_batch` adds).
     """
 
     tokens: np.ndarray
     doc_ids: np.ndarray
     seq_len: int
     scored: np.ndarray | None = None
+    pad: int = PAD_ID
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -66,25 +74,35 @@ class RowStats:
     dropped_tokens: int = 0
 
 
-def tokenize_documents(tokenizer: Tokenizer, docs: Sequence[str]) -> list[np.ndarray]:
-    """Token ids of each document, led by BOS, as int32 arrays."""
-    return [np.array([BOS_ID, *ids], np.int32) for ids in tokenizer.encode_batch(list(docs))]
+def tokenize_documents(tokenizer: TextTokenizer, docs: Sequence[str]) -> list[np.ndarray]:
+    """Token ids of each document, led by BOS (GPT-2's <|endoftext|>, Llama's <s>; nothing
+    for a tokenizer without one), as int32 arrays."""
+    lead = [] if tokenizer.bos is None else [tokenizer.bos]
+    return [np.array(lead + ids, np.int32) for ids in tokenizer.encode_batch(list(docs))]
 
 
-def pack_documents(docs: Sequence[Sequence[int]], seq_len: int) -> PackedRows:
+def pad_id(tokenizer: TextTokenizer) -> int:
+    """The id rows are padded with: the tokenizer's pad token, else 0 (any id works: padding
+    carries no loss and is masked from attention; GPT-2 and Llama have no pad token)."""
+    return PAD_ID if tokenizer.pad is None else tokenizer.pad
+
+
+def pack_documents(docs: Sequence[Sequence[int]], seq_len: int, pad: int = PAD_ID) -> PackedRows:
     """Concatenate `docs` and cut the stream into rows overlapping by one token (nanoGPT style)."""
     stream = np.concatenate([np.asarray(d, np.int32) for d in docs] or [np.zeros(0, np.int32)])
     ids = np.repeat(np.arange(1, len(docs) + 1, dtype=np.int32), [len(d) for d in docs])
     num_rows = -(-max(len(stream) - 1, 0) // seq_len)
     size = num_rows * seq_len + 1
-    tokens = np.full(size, PAD_ID, np.int32)
+    tokens = np.full(size, pad, np.int32)
     doc_ids = np.zeros(size, np.int32)
     tokens[: len(stream)], doc_ids[: len(stream)] = stream, ids
     window = np.arange(num_rows)[:, None] * seq_len + np.arange(seq_len + 1)
-    return PackedRows(tokens=tokens[window], doc_ids=doc_ids[window], seq_len=seq_len)
+    return PackedRows(tokens=tokens[window], doc_ids=doc_ids[window], seq_len=seq_len, pad=pad)
 
 
-def _document_rows(docs: Sequence[Sequence[int]], seq_len: int, stride: int | None) -> PackedRows:
+def _document_rows(
+    docs: Sequence[Sequence[int]], seq_len: int, stride: int | None, pad: int
+) -> PackedRows:
     """One document per row: windows every `stride` tokens, or only the first (None)."""
     tokens_rows, ids_rows, scored_rows = [], [], []
     col = np.arange(seq_len + 1)
@@ -97,28 +115,35 @@ def _document_rows(docs: Sequence[Sequence[int]], seq_len: int, stride: int | No
         starts = np.arange(count) * (stride or 0)
         index = starts[:, None] + col
         real = index < len(doc)
-        tokens_rows.append(np.where(real, doc[np.minimum(index, len(doc) - 1)], PAD_ID))
+        tokens_rows.append(np.where(real, doc[np.minimum(index, len(doc) - 1)], pad))
         ids_rows.append(np.where(real, doc_id, 0))
         # A window scores only tokens past the previous window's end; BOS (index 0) never.
         first_new = np.concatenate([[1], starts[:-1] + seq_len + 1])
         scored_rows.append(real & (index >= first_new[:, None]))
     if not tokens_rows:
         empty = np.zeros((0, seq_len + 1), np.int32)
-        return PackedRows(empty, empty, seq_len, None if stride is None else empty.astype(bool))
+        return PackedRows(
+            empty, empty, seq_len, None if stride is None else empty.astype(bool), pad
+        )
     return PackedRows(
         tokens=np.concatenate(tokens_rows).astype(np.int32),
         doc_ids=np.concatenate(ids_rows).astype(np.int32),
         seq_len=seq_len,
         scored=None if stride is None else np.concatenate(scored_rows),
+        pad=pad,
     )
 
 
-def truncate_documents(docs: Sequence[Sequence[int]], seq_len: int) -> PackedRows:
+def truncate_documents(
+    docs: Sequence[Sequence[int]], seq_len: int, pad: int = PAD_ID
+) -> PackedRows:
     """One padded row per document holding its first `seq_len + 1` tokens; no packing."""
-    return _document_rows(docs, seq_len, stride=None)
+    return _document_rows(docs, seq_len, stride=None, pad=pad)
 
 
-def window_documents(docs: Sequence[Sequence[int]], seq_len: int, stride: int) -> PackedRows:
+def window_documents(
+    docs: Sequence[Sequence[int]], seq_len: int, stride: int, pad: int = PAD_ID
+) -> PackedRows:
     """Windows of up to `seq_len + 1` tokens every `stride` tokens of each document.
 
     Every token after a document's BOS is scored exactly once, in the first window that holds
@@ -126,22 +151,23 @@ def window_documents(docs: Sequence[Sequence[int]], seq_len: int, stride: int) -
     """
     if not 1 <= stride <= seq_len:
         raise ValueError(f"Window stride must be in [1, seq_len={seq_len}], got {stride}.")
-    return _document_rows(docs, seq_len, stride)
+    return _document_rows(docs, seq_len, stride, pad)
 
 
 def rows_for(
-    docs: Sequence[Sequence[int]], seq_len: int, packing: str, stride: int = 0
+    docs: Sequence[Sequence[int]], seq_len: int, packing: str, stride: int = 0, pad: int = PAD_ID
 ) -> tuple[PackedRows, RowStats]:
-    """Rows of `docs` the way `packing` says (stride 0 = seq_len), and what that cost."""
+    """Rows of `docs` the way `packing` says (stride 0 = seq_len) padded with `pad`, and what
+    that cost."""
     truncated = dropped = 0
     if packing == "pack":
-        rows = pack_documents(docs, seq_len)
+        rows = pack_documents(docs, seq_len, pad)
     elif packing == "truncate":
-        rows = truncate_documents(docs, seq_len)
+        rows = truncate_documents(docs, seq_len, pad)
         excess = np.array([len(d) - seq_len - 1 for d in docs], np.int64)
         truncated, dropped = int((excess > 0).sum()), int(excess.clip(0).sum())
     elif packing == "window":
-        rows = window_documents(docs, seq_len, stride or seq_len)
+        rows = window_documents(docs, seq_len, stride or seq_len, pad)
     else:
         raise ValueError(f"packing must be 'pack', 'truncate' or 'window', got '{packing}'.")
     stats = RowStats(
@@ -166,7 +192,7 @@ def make_batch(rows: PackedRows, indices: np.ndarray) -> dict[str, np.ndarray]:
     """Model inputs for `rows[indices]`, each [b, seq_len]; index -1 gives an all-padding row."""
     indices = np.asarray(indices)
     real = (indices >= 0)[:, None]
-    tokens = np.where(real, rows.tokens[np.maximum(indices, 0)], PAD_ID)
+    tokens = np.where(real, rows.tokens[np.maximum(indices, 0)], rows.pad)
     docs = np.where(real, rows.doc_ids[np.maximum(indices, 0)], 0)
     scored = None if rows.scored is None else rows.scored[np.maximum(indices, 0)]
     doc_in = docs[:, :-1]
@@ -247,7 +273,7 @@ def to_global(
 class PretrainData:
     """Everything pretraining reads: the tokenizer, train batches, validation rows and stats."""
 
-    tokenizer: Tokenizer
+    tokenizer: TextTokenizer
     train: StepBatches
     validation: PackedRows
     token_bytes: np.ndarray
@@ -257,7 +283,7 @@ class PretrainData:
 
 def _tokenizer_for(
     data: DataConfig, run_dir: Path, train_docs: Sequence[str], vocab_size: int
-) -> Tokenizer:
+) -> TextTokenizer:
     run_model = run_dir / "tokenizer.model"
     if not data.tokenizer and not run_model.is_file():
         return train_tokenizer(train_docs, run_model, vocab_size, data.tokenizer_type)
@@ -278,7 +304,11 @@ def load_pretrain_data(data: DataConfig, run_dir: str | Path, vocab_size: int) -
     tokenizer = _tokenizer_for(data, Path(run_dir), documents["train"], vocab_size)
     (train, train_stats), (validation, validation_stats) = (
         rows_for(
-            tokenize_documents(tokenizer, documents[split]), data.seq_len, data.packing, data.stride
+            tokenize_documents(tokenizer, documents[split]),
+            data.seq_len,
+            data.packing,
+            data.stride,
+            pad_id(tokenizer),
         )
         for split in ("train", "validation")
     )
