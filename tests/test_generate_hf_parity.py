@@ -11,6 +11,7 @@ from flax import nnx
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+from hf_models import VOCAB, gpt2, llama, randomize, save  # noqa: E402
 from transformers.generation import logits_process  # noqa: E402
 
 from lm.config import MeshConfig  # noqa: E402
@@ -20,39 +21,8 @@ from lm.interop.convert import import_hf  # noqa: E402
 from lm.parallel import make_mesh  # noqa: E402
 from lm.sampling import filter_logits, penalize_repeats  # noqa: E402
 
-VOCAB, NEW_TOKENS = 96, 10
+NEW_TOKENS = 10
 PROMPT_LENGTHS = [5, 2, 7, 4]  # left padding for all rows but the third
-
-
-def _gpt2():
-    cfg = transformers.GPT2Config(
-        vocab_size=VOCAB, n_positions=32, n_embd=32, n_layer=2, n_head=4, n_inner=64
-    )
-    return transformers.GPT2LMHeadModel(cfg)
-
-
-def _llama():
-    cfg = transformers.LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=False,
-    )
-    return transformers.LlamaForCausalLM(cfg)
-
-
-def _randomize(model) -> None:
-    """Large random weights, so next-token distributions are peaked (no near-ties that float
-    rounding could flip)."""
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            one = 1.0 if p.ndim == 1 and not name.endswith("bias") else 0.0  # norm scales ~1
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.3 + one)
 
 
 # The EOS output row becomes this multiple of the row of the token greedy decoding emits most:
@@ -63,15 +33,13 @@ EOS_FACTOR = {"gpt2": 0.97, "llama": 1.03}
 @pytest.fixture(scope="module", params=["gpt2", "llama"])
 def models(request, tmp_path_factory):
     """(HF model, our Generator on the imported weights) for each architecture."""
-    torch.manual_seed(0)
-    hf = {"gpt2": _gpt2, "llama": _llama}[request.param]().eval()
-    _randomize(hf)
+    # Large random weights, so next-token distributions are peaked.
+    hf = randomize({"gpt2": gpt2, "llama": llama}[request.param](), scale=0.3)
     common = np.bincount(sum(_hf_generate(hf, _prompts()), []), minlength=VOCAB).argmax()
     with torch.no_grad():
         head = hf.get_output_embeddings().weight
         head[EOS_ID] = head[common] * EOS_FACTOR[request.param]
-    path = tmp_path_factory.mktemp(request.param) / "hf"
-    hf.save_pretrained(path)
+    path = save(hf, tmp_path_factory, request.param)
     mesh = make_mesh(MeshConfig(data=1), jax.devices()[:1])
     _, graphdef, params = import_hf(path, mesh)
     return hf, Generator(nnx.merge(graphdef, params), None, mesh=mesh)

