@@ -6,22 +6,22 @@ the shared loop → final evaluation and a sample.
 
 from __future__ import annotations
 
+import functools
 import json
 
 import jax
-import yaml
 from etils import epath
 
-from lm.config import Config, ConfigError, to_dict, validate
+from lm.config import Config, ConfigError, validate
 from lm.data.mlm import MaskedStepBatches, masked_eval_batches, masking_for
 from lm.data.pipeline import eval_batches, load_pretrain_data, to_global
 from lm.distributed import initialize, process_zero_first
 from lm.evaluate import evaluate_lm
-from lm.flops import peak_flops, train_flops_per_token
+from lm.flops import peak_flops
 from lm.generate import sample_text
 from lm.parallel import batch_sharding, make_mesh
-from lm.runs import build_model
-from lm.train.checkpoint import Checkpointer
+from lm.runs import build_model, write_run_files
+from lm.train.checkpoint import Checkpointer, checkpoint_meta
 from lm.train.loop import LoopSettings, run_loop
 from lm.train.metrics import MetricsWriter
 from lm.train.objectives import CausalLM, MaskedLMObjective
@@ -63,9 +63,7 @@ def pretrain(cfg: Config) -> dict[str, float]:
     data = process_zero_first(
         "pretrain_data", lambda: load_pretrain_data(cfg.data, run_dir, cfg.model.vocab_size)
     )
-    if jax.process_index() == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    write_run_files(run_dir, cfg)
 
     writer = MetricsWriter(run_dir, cfg.train.steps)
     for split, stats in (("train", data.train_stats), ("validation", data.validation_stats)):
@@ -112,21 +110,8 @@ def pretrain(cfg: Config) -> dict[str, float]:
             batches = eval_batches(data.validation, cfg.data.batch_size, max_batches)
             return evaluate_lm(eval_step, current.params, batches, data.token_bytes, rows_sharding)
 
-        def meta_at(step: int) -> dict:
-            position = {"next_step": step, "seed": cfg.data.seed, "batch": cfg.data.batch_size}
-            return {"step": step, "data_position": position, "config": to_dict(cfg)}
-
-        tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
-        settings = LoopSettings(
-            total_steps=cfg.train.steps,
-            stop_at=min(cfg.train.stop_at or cfg.train.steps, cfg.train.steps),
-            log_every=cfg.train.log_every,
-            eval_every=cfg.train.eval_every,
-            checkpoint_every=cfg.checkpoint.every,
-            tokens_per_step=tokens_per_step,
-            flops_per_step=train_flops_per_token(cfg.model, cfg.data.seq_len) * tokens_per_step,
-            peak_flops=peak,
-        )
+        meta_at = functools.partial(checkpoint_meta, cfg)
+        settings = LoopSettings.for_run(cfg, peak)
         state = run_loop(
             state, train_step, batch_at, settings, writer, checkpointer, meta_at, evaluate, start
         )

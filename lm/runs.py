@@ -8,13 +8,15 @@ parameters: optimizer state is never loaded.
 
 from __future__ import annotations
 
+import dataclasses
+import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 import yaml
+from etils import epath
 from flax import nnx
 from jax.sharding import Mesh
 
@@ -22,10 +24,10 @@ from lm.config import CheckpointConfig, Config, MeshConfig, from_dict, to_dict
 from lm.data.tokenizer import TextTokenizer, load_tokenizer, run_tokenizer_file
 from lm.model import Transformer
 from lm.model.heads import MaskedLM, task_model
-from lm.model.lora import LoraModel
+from lm.model.lora import LoraModel, merge_lora
 from lm.model.transformer import abstract_split
 from lm.parallel import make_mesh, state_shardings
-from lm.train.checkpoint import Checkpointer
+from lm.train.checkpoint import Checkpointer, absolute
 from lm.train.state import TrainState, abstract_with_shardings
 
 
@@ -59,9 +61,9 @@ class LoadedRun:
         return nnx.merge(self.graphdef, self.params)
 
 
-def read_run_config(run_dir: str | Path) -> Config:
-    """The validated config a run was written with."""
-    path = Path(run_dir) / "config.yaml"
+def read_run_config(run_dir: str | os.PathLike) -> Config:
+    """The validated config a run (local or gs://) was written with."""
+    path = epath.Path(run_dir) / "config.yaml"
     if not path.is_file():
         raise FileNotFoundError(
             f"{run_dir} is not a run directory (no config.yaml); pass the run_dir of an "
@@ -71,16 +73,17 @@ def read_run_config(run_dir: str | Path) -> Config:
 
 
 def load_run(
-    run_dir: str | Path, *, step: int | None = None, mesh: Mesh | None = None
+    run_dir: str | os.PathLike, *, step: int | None = None, mesh: Mesh | None = None
 ) -> LoadedRun:
-    """Params of checkpoint `step` (default: the newest) of `run_dir`, sharded on `mesh`.
+    """Params of checkpoint `step` (default: the newest) of `run_dir` (local or gs://), sharded
+    on `mesh`.
 
     The default mesh puts every device on the data axis (parameters replicated), which suits
     inference; pass an FSDP/tensor mesh for models that do not fit one device.
     """
     cfg = read_run_config(run_dir)
-    directory = Path(run_dir) / "checkpoints"
-    manager = ocp.CheckpointManager(directory.absolute(), item_names=("state", "meta"))
+    directory = absolute(epath.Path(run_dir) / "checkpoints")
+    manager = ocp.CheckpointManager(directory, item_names=("state", "meta"))
     steps = manager.all_steps()
     if not steps:
         raise FileNotFoundError(f"{directory} holds no checkpoint; train the run first.")
@@ -105,22 +108,52 @@ def load_run(
     return LoadedRun(cfg, _run_tokenizer(run_dir, cfg), graphdef, params, step, mesh)
 
 
-def _run_tokenizer(run_dir: str | Path, cfg: Config) -> TextTokenizer | None:
+def _run_tokenizer(run_dir: str | os.PathLike, cfg: Config) -> TextTokenizer | None:
     own = run_tokenizer_file(run_dir)
     if own is not None:
         return load_tokenizer(own)
     return load_tokenizer(cfg.data.tokenizer) if cfg.data.tokenizer else None
 
 
-def write_params_run(
-    run_dir: str | Path, cfg: Config, params: nnx.State, meta: dict | None = None
+def write_run_files(
+    run_dir: str | os.PathLike, cfg: Config, tokenizer: TextTokenizer | None = None
 ) -> None:
-    """Write `config.yaml` and a params-only checkpoint at step 0 (e.g. imported weights)."""
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    """Process 0 writes `config.yaml` (and the tokenizer, if given) into `run_dir`, local or
+    gs://, creating it."""
     if jax.process_index() == 0:
+        run_dir = epath.Path(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        if tokenizer is not None:
+            tokenizer.save(run_dir)
+
+
+def write_params_run(
+    run_dir: str | os.PathLike,
+    cfg: Config,
+    params: nnx.State,
+    meta: dict | None = None,
+    tokenizer: TextTokenizer | None = None,
+) -> None:
+    """Write `config.yaml`, the tokenizer (if given) and a params-only checkpoint at step 0
+    (e.g. imported weights) into `run_dir`, local or gs://."""
+    run_dir = epath.Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_run_files(run_dir, cfg, tokenizer)
     checkpointer = Checkpointer(run_dir / "checkpoints", CheckpointConfig(async_save=False))
     state = TrainState(jnp.zeros((), jnp.int32), params, {})
     checkpointer.save(0, state, {"step": 0, "config": to_dict(cfg), **(meta or {})})
     checkpointer.close()
+
+
+def export_merged(
+    cfg: Config,
+    graphdef: nnx.GraphDef,
+    params: nnx.State,
+    run_dir: epath.Path,
+    tokenizer: TextTokenizer,
+) -> None:
+    """Write `run_dir/merged`: the same model with LoRA folded into its weights (no adapters)."""
+    merged = nnx.state(merge_lora(nnx.merge(graphdef, params)))
+    plain = dataclasses.replace(cfg, finetune=dataclasses.replace(cfg.finetune, lora_rank=0))
+    write_params_run(run_dir / "merged", plain, merged, {"merged_from": str(run_dir)}, tokenizer)

@@ -6,6 +6,8 @@ mid-save leaves the previous checkpoint as the newest one: incomplete saves are 
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -14,15 +16,23 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
-from lm.config import CheckpointConfig
-from lm.train.state import abstract_with_shardings
+from lm.config import FINETUNE_METRICS, CheckpointConfig, Config, to_dict
+from lm.train.state import TrainState, abstract_with_shardings
+
+LOWER_IS_BETTER = frozenset({"loss", "mse"})
+
+
+def checkpoint_meta(cfg: Config, step: int) -> dict:
+    """The metadata saved with a training checkpoint: its step, data position and config."""
+    position = {"next_step": step, "seed": cfg.data.seed, "batch": cfg.data.batch_size}
+    return {"step": step, "data_position": position, "config": to_dict(cfg)}
 
 
 class Checkpointer:
     """Saves and restores `TrainState` with metadata (config, data position) under `directory`."""
 
     def __init__(self, directory: str | Path, cfg: CheckpointConfig):
-        self.directory = _absolute(epath.Path(directory))
+        self.directory = absolute(epath.Path(directory))
         self.manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(
@@ -66,7 +76,46 @@ class Checkpointer:
         self.manager.close()
 
 
-def _absolute(path: epath.Path) -> epath.Path:
+class BestCheckpoint:
+    """Keeps the params of the best evaluation in `directory/checkpoints`.
+
+    Also counts evaluations since the last improvement, for early stopping; both survive a
+    restart through `directory/best.json`.
+    """
+
+    def __init__(self, directory: epath.Path, cfg: Config):
+        self.directory = directory
+        f = cfg.finetune
+        self.metric = f.metric or FINETUNE_METRICS[f.task][0]
+        self.sign = -1.0 if self.metric in LOWER_IS_BETTER else 1.0
+        self.patience = f.patience
+        self.record = {"metric": self.metric, "step": None, "value": None, "stale": 0}
+        if (self.directory / "best.json").is_file():
+            self.record = json.loads((self.directory / "best.json").read_text())
+        self.checkpointer = Checkpointer(
+            self.directory / "checkpoints", dataclasses.replace(cfg.checkpoint, keep=1)
+        )
+
+    def update(self, step: int, state: TrainState, results: dict[str, float]) -> None:
+        """Save `state`'s params if `results` improve on the best so far."""
+        value = results[self.metric]
+        best = self.record["value"]
+        if best is None or self.sign * value > self.sign * best:
+            self.checkpointer.save(step, TrainState(state.step, state.params, {}), {"step": step})
+            self.record.update(step=step, value=value, stale=0)
+        else:
+            self.record["stale"] += 1
+        if jax.process_index() == 0:
+            (self.directory / "best.json").write_text(json.dumps(self.record, indent=2))
+
+    def should_stop(self) -> bool:
+        return bool(self.patience) and self.record["stale"] >= self.patience
+
+    def close(self) -> None:
+        self.checkpointer.close()
+
+
+def absolute(path: epath.Path) -> epath.Path:
     """Local paths made absolute (Orbax needs it); gs:// and other remote URIs as they are."""
     return path if "://" in os.fspath(path) else path.absolute()
 

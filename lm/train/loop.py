@@ -15,6 +15,8 @@ from typing import Any
 import jax
 import numpy as np
 
+from lm.config import Config
+from lm.flops import train_flops_per_token
 from lm.train.checkpoint import Checkpointer
 from lm.train.metrics import MetricsWriter
 
@@ -33,6 +35,21 @@ class LoopSettings:
     tokens_per_step: int  # tokens fed per step (for tokens/s)
     flops_per_step: float  # model FLOPs of one step (for MFU)
     peak_flops: float  # peak FLOP/s of all devices together
+
+    @classmethod
+    def for_run(cls, cfg: Config, peak_flops: float) -> LoopSettings:
+        """The settings `cfg.train` and `cfg.checkpoint` ask for; `peak_flops` for MFU."""
+        tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
+        return cls(
+            total_steps=cfg.train.steps,
+            stop_at=min(cfg.train.stop_at or cfg.train.steps, cfg.train.steps),
+            log_every=cfg.train.log_every,
+            eval_every=cfg.train.eval_every,
+            checkpoint_every=cfg.checkpoint.every,
+            tokens_per_step=tokens_per_step,
+            flops_per_step=train_flops_per_token(cfg.model, cfg.data.seq_len) * tokens_per_step,
+            peak_flops=peak_flops,
+        )
 
 
 def run_loop(
