@@ -16,9 +16,9 @@ import jax
 import numpy as np
 
 from lm.config import load_config
-from lm.finetune import FrozenNoGradient, trainable_names
 from lm.parallel import batch_sharding, make_mesh
 from lm.runs import build_model
+from lm.train.freeze import FrozenNoGradient, trainable_names
 from lm.train.objectives import SequenceClassification
 from lm.train.optim import freeze, make_optimizer
 from lm.train.state import plan_train_state

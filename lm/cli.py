@@ -17,7 +17,8 @@ def _pretrain(args: argparse.Namespace) -> None:
 
 
 def _finetune(args: argparse.Namespace) -> None:
-    from lm.finetune import finetune, finetune_config
+    from lm.finetune import finetune
+    from lm.train.init_from import finetune_config
 
     finetune(finetune_config(args.config, args.overrides))
 

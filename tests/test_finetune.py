@@ -19,16 +19,12 @@ from lm.config import (
     load_config,
 )
 from lm.data.tokenizer import train_tokenizer
-from lm.finetune import (
-    copy_backbone,
-    finetune,
-    finetune_optimizer,
-    gate_frozen,
-    trainable_names,
-)
+from lm.finetune import finetune
 from lm.model import Transformer
 from lm.parallel import batch_sharding, make_mesh
 from lm.runs import build_model, load_run, write_params_run
+from lm.train.freeze import finetune_optimizer, gate_frozen, trainable_names
+from lm.train.init_from import copy_backbone
 from lm.train.objectives import SequenceClassification
 from lm.train.optim import freeze, make_optimizer, trainable_mask
 from lm.train.state import plan_train_state

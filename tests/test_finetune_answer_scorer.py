@@ -6,7 +6,7 @@ from flax import nnx
 
 from lm.config import Config, DataConfig, FinetuneConfig
 from lm.data.tokenizer import BOS_ID, train_tokenizer
-from lm.finetune import AnswerScorer
+from lm.evaluate_tasks import AnswerScorer
 from lm.generate import Generator
 from lm.model import Transformer
 

@@ -7,7 +7,7 @@ import yaml
 from conftest import tiny_model
 
 from lm.config import Config, ConfigError, DataConfig, to_dict
-from lm.finetune import finetune_config
+from lm.train.init_from import finetune_config
 
 FINETUNE_YAML = """
 data: {seq_len: 16, batch_size: 8}
