@@ -78,8 +78,36 @@ def dot_product_attention(
         return jax.nn.dot_product_attention(
             q_BxLxHxK, k_BxSxGxK, v_BxSxGxK, mask=mask_Bx1xLxS, implementation=implementation
         )
+    return _heads_major_attention(
+        q_BxLxHxK, k_BxSxGxK.transpose(0, 2, 1, 3), v_BxSxGxK.transpose(0, 2, 1, 3), mask_Bx1xLxS
+    )
+
+
+def cached_attention(
+    q_BxLxHxK: jax.Array,
+    k_BxGxSxK: jax.Array,
+    v_BxGxSxK: jax.Array,
+    mask_Bx1xLxS: jax.Array,
+    implementation: str,
+) -> jax.Array:
+    """`dot_product_attention` on a KV cache's heads-major keys and values (see `KVCache`)."""
+    if implementation in ("xla", "cudnn"):
+        return jax.nn.dot_product_attention(
+            q_BxLxHxK,
+            k_BxGxSxK.transpose(0, 2, 1, 3),
+            v_BxGxSxK.transpose(0, 2, 1, 3),
+            mask=mask_Bx1xLxS,
+            implementation=implementation,
+        )
+    return _heads_major_attention(q_BxLxHxK, k_BxGxSxK, v_BxGxSxK, mask_Bx1xLxS)
+
+
+def _heads_major_attention(
+    q_BxLxHxK: jax.Array, k_BxGxSxK: jax.Array, v_BxGxSxK: jax.Array, mask_Bx1xLxS: jax.Array
+) -> jax.Array:
+    """The explicit ('math') attention on heads-major keys and values."""
     batch, length, heads, head_dim = q_BxLxHxK.shape
-    groups = k_BxSxGxK.shape[2]
+    groups = k_BxGxSxK.shape[1]
     rep = heads // groups
     # Heads-major layout, with the R query heads that share a key/value head stacked as extra
     # query rows (Q = R*L): each product is then one contiguous 4-D batched GEMM, ~30% faster
@@ -89,14 +117,12 @@ def dot_product_attention(
         .transpose(0, 2, 3, 1, 4)
         .reshape(batch, groups, rep * length, head_dim)
     )
-    k_BxGxSxK = k_BxSxGxK.transpose(0, 2, 1, 3)
-    v_BxGxSxK = v_BxSxGxK.transpose(0, 2, 1, 3)
     scores_BxGxQxS = jnp.einsum(
         "bgqk,bgsk->bgqs", q_BxGxQxK, k_BxGxSxK, preferred_element_type=jnp.float32
     ) / jnp.sqrt(jnp.float32(head_dim))
     mask_Bx1xQxS = jnp.tile(mask_Bx1xLxS, (1, 1, rep, 1))
     scores_BxGxQxS = jnp.where(mask_Bx1xQxS, scores_BxGxQxS, _NEG_INF)
-    probs_BxGxQxS = jax.nn.softmax(scores_BxGxQxS, axis=-1).astype(v_BxSxGxK.dtype)
+    probs_BxGxQxS = jax.nn.softmax(scores_BxGxQxS, axis=-1).astype(v_BxGxSxK.dtype)
     out_BxGxQxK = jnp.einsum("bgqs,bgsk->bgqk", probs_BxGxQxS, v_BxGxSxK)
     return (
         out_BxGxQxK.reshape(batch, groups, rep, length, head_dim)
@@ -187,8 +213,8 @@ class Attention(nnx.Module):
     ) -> tuple[jax.Array, KVCache]:
         """Attend L new tokens to `layer`'s cache after writing their keys/values at `start`."""
         q_BxLxHxK, k_BxLxGxK, v_BxLxGxK = self._qkv(x_BxLxD, positions_BxL)
-        cache, k_BxSxGxK, v_BxSxGxK = cache.update(layer, start, k_BxLxGxK, v_BxLxGxK)
-        out_BxLxHxK = dot_product_attention(
-            q_BxLxHxK, k_BxSxGxK, v_BxSxGxK, mask_Bx1xLxS, self.cfg.attention
+        cache, k_BxGxSxK, v_BxGxSxK = cache.update(layer, start, k_BxLxGxK, v_BxLxGxK)
+        out_BxLxHxK = cached_attention(
+            q_BxLxHxK, k_BxGxSxK, v_BxGxSxK, mask_Bx1xLxS, self.cfg.attention
         )
         return self._out(out_BxLxHxK), cache

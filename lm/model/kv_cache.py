@@ -1,9 +1,16 @@
 """A preallocated key/value cache for incremental decoding, one slot per token position.
 
-Keys and values of every layer live in two arrays [layers, batch, slots, kv_heads, head_dim]
-(kv_heads = the GQA key/value heads, not the query heads). Rows of a batch are left-padded to a
-common length, so every row writes its next token into the same slot; a row's own positions
-start after its padding. Shapes are static, so one compiled decode step serves every step.
+Keys and values are stored heads-major, [batch, kv_heads, slots, head_dim] per layer (kv_heads =
+the GQA key/value heads, not the query heads): the layout the attention GEMMs read, so a decode
+step attends to a layer's cache in place. Unrolled layers keep one array per layer: a layer of a
+stacked [layers, ...] array is a slice that XLA:CPU copies before every GEMM, which (with the
+former slots-before-heads layout, also transposed) copied the whole cache every step and
+dominated the batch-8 step. Scanned layers index the cache with a traced layer number, so they
+keep one stacked array (and its per-layer copy).
+
+Rows of a batch are left-padded to a common length, so every row writes its next token into the
+same slot; a row's own positions start after its padding. Shapes are static, so one compiled
+decode step serves every step.
 """
 
 from __future__ import annotations
@@ -16,48 +23,77 @@ import jax.numpy as jnp
 from lm.config import ModelConfig
 from lm.parallel import constrain
 
-# The cache's batch axis follows the activations' batch sharding, its kv-head axis the heads'.
-CACHE_AXES = ("layers", "act_batch", "act_length", "act_heads", None)
+# A layer's batch axis follows the activations' batch sharding, its kv-head axis the heads'.
+LAYER_AXES = ("act_batch", "act_heads", "act_length", None)
+STACKED_AXES = ("layers", *LAYER_AXES)
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class KVCache:
-    """Keys and values of all layers, [N, B, S, G, K] each."""
+    """Keys and values: one [B, G, S, K] array per layer, or for scanned layers a single stacked
+    [N, B, G, S, K] array."""
 
-    k_NxBxSxGxK: jax.Array
-    v_NxBxSxGxK: jax.Array
+    k: tuple[jax.Array, ...]
+    v: tuple[jax.Array, ...]
 
     @classmethod
     def zeros(cls, cfg: ModelConfig, batch: int, slots: int) -> KVCache:
-        shape = (cfg.num_layers, batch, slots, cfg.kv_heads, cfg.head_dim)
-        zeros = constrain(jnp.zeros(shape, jnp.dtype(cfg.dtype)), CACHE_AXES)
-        return cls(zeros, zeros)
+        shape = (batch, cfg.kv_heads, slots, cfg.head_dim)
+        dtype = jnp.dtype(cfg.dtype)
+        if cfg.scan_layers:
+            arrays = (constrain(jnp.zeros((cfg.num_layers, *shape), dtype), STACKED_AXES),)
+        else:
+            arrays = tuple(
+                constrain(jnp.zeros(shape, dtype), LAYER_AXES) for _ in range(cfg.num_layers)
+            )
+        return cls(arrays, arrays)
+
+    @property
+    def stacked(self) -> bool:
+        return self.k[0].ndim == 5
 
     @property
     def slots(self) -> int:
-        return self.k_NxBxSxGxK.shape[2]
+        return self.k[0].shape[-2]
+
+    @property
+    def dtype(self) -> jnp.dtype:
+        return self.k[0].dtype
 
     def update(
         self, layer: int | jax.Array, start: jax.Array, k_BxLxGxK: jax.Array, v_BxLxGxK: jax.Array
     ) -> tuple[KVCache, jax.Array, jax.Array]:
-        """Write L keys/values of `layer` at slots start..start+L-1; return that layer's cache."""
-        at = (layer, 0, start, 0, 0)
-        k = jax.lax.dynamic_update_slice(self.k_NxBxSxGxK, k_BxLxGxK[None].astype(self.dtype), at)
-        v = jax.lax.dynamic_update_slice(self.v_NxBxSxGxK, v_BxLxGxK[None].astype(self.dtype), at)
-        cache = KVCache(constrain(k, CACHE_AXES), constrain(v, CACHE_AXES))
-        return cache, cache.k_NxBxSxGxK[layer], cache.v_NxBxSxGxK[layer]
+        """Write L keys/values of `layer` at slots start..start+L-1; return the cache and that
+        layer's keys and values [B, G, S, K]."""
+        if self.stacked:
+            at = (layer, 0, 0, start, 0)
 
-    @property
-    def dtype(self) -> jnp.dtype:
-        return self.k_NxBxSxGxK.dtype
+            def write(cache_NxBxGxSxK, x_BxLxGxK):
+                x_1xBxGxLxK = x_BxLxGxK.transpose(0, 2, 1, 3)[None].astype(self.dtype)
+                updated = jax.lax.dynamic_update_slice(cache_NxBxGxSxK, x_1xBxGxLxK, at)
+                return (constrain(updated, STACKED_AXES),)
+
+            cache = KVCache(write(self.k[0], k_BxLxGxK), write(self.v[0], v_BxLxGxK))
+            return cache, cache.k[0][layer], cache.v[0][layer]
+
+        def write_layer(layers, x_BxLxGxK):
+            x_BxGxLxK = x_BxLxGxK.transpose(0, 2, 1, 3).astype(self.dtype)
+            updated = jax.lax.dynamic_update_slice(layers[layer], x_BxGxLxK, (0, 0, start, 0))
+            return (*layers[:layer], constrain(updated, LAYER_AXES), *layers[layer + 1 :])
+
+        cache = KVCache(write_layer(self.k, k_BxLxGxK), write_layer(self.v, v_BxLxGxK))
+        return cache, cache.k[layer], cache.v[layer]
 
     def select_rows(self, rows_B: jax.Array) -> KVCache:
         """The cache of batch rows `rows_B` (beam search reorders beams with it)."""
-        return KVCache(
-            constrain(jnp.take(self.k_NxBxSxGxK, rows_B, axis=1), CACHE_AXES),
-            constrain(jnp.take(self.v_NxBxSxGxK, rows_B, axis=1), CACHE_AXES),
-        )
+        axes = STACKED_AXES if self.stacked else LAYER_AXES
+        axis = 1 if self.stacked else 0
+
+        def take(arrays):
+            return tuple(constrain(jnp.take(a, rows_B, axis=axis), axes) for a in arrays)
+
+        return KVCache(take(self.k), take(self.v))
 
 
 def decode_mask(pads_B: jax.Array, start: jax.Array, length: int, slots: int) -> jax.Array:
