@@ -144,7 +144,7 @@ def evaluate_run(
             batches = masked_eval_batches(rows, batch_size, masking, max_batches)
             metrics = score(batches, count, "masked", None)  # a sample of tokens: no bytes
             if pseudo_perplexity:
-                total, batches = pseudo_perplexity_batches(rows, batch_size, max_batches)
+                total, batches = pseudo_perplexity_batches(rows, batch_size, masking, max_batches)
                 pseudo = score(batches, total, "pseudo-perplexity", token_bytes)
                 metrics |= {f"pseudo_{k}": v for k, v in pseudo.items()}
         else:

@@ -123,3 +123,25 @@ def test_special_tokens_map_names_the_special_tokens_and_travels_with_save(tmp_p
     tokenizer.save(tmp_path / "run")
     saved = load_tokenizer(run_tokenizer_file(tmp_path / "run"))
     assert (saved.bos, saved.eos, saved.cls) == (101, 102, 101)
+
+
+def test_mlm_masking_uses_the_tokenizers_mask_and_special_ids(wordpiece, sentencepiece):
+    from lm.config import DataConfig
+    from lm.data.mlm import masking_for
+
+    masking = masking_for(DataConfig(mask_rate=0.5), wordpiece.vocab_size, wordpiece)
+    assert masking.mask_id == wordpiece.mask == 103
+    assert {0, 100, 101, 102, 103} == set(masking.special_ids)  # [PAD] [UNK] [CLS] [SEP] [MASK]
+    row = np.array([frame_ids(wordpiece)[0], *wordpiece.encode(SENTENCES[0]), 102, 0, 0])[None]
+    keys = np.array([[1, 2, 3]])
+    batch = {"inputs": row, "segment_ids": (row != 0).astype(np.int32)}
+    out = masking.apply(batch, keys)
+    chosen = out["weights"][0] > 0
+    assert chosen.any() and not np.isin(row[0][chosen], masking.special_ids).any()
+    corrupted = out["inputs"][0][chosen]
+    assert 103 in corrupted and not np.isin(corrupted, [0, 100, 101, 102]).any()
+
+    sp = sentencepiece
+    assert masking_for(DataConfig(), sp.vocab_size, sp).special_ids == tuple(range(7))
+    with pytest.raises(ValueError, match="mask_whole_words=true reads SentencePiece"):
+        masking_for(DataConfig(mask_whole_words=True), wordpiece.vocab_size, wordpiece)

@@ -18,7 +18,7 @@ import numpy as np
 from lm.config import DataConfig
 from lm.data.masking import SPECIAL_IDS, mask_tokens, word_starts
 from lm.data.pipeline import PackedRows, StepBatches, eval_batches, make_batch
-from lm.data.tokenizer import MASK_ID, Tokenizer
+from lm.data.tokenizer import MASK_ID, TextTokenizer, Tokenizer
 
 _TRAIN_STREAM, _EVAL_STREAM = 0, 1
 
@@ -31,6 +31,8 @@ class Masking:
     vocab_size: int
     seed: int
     tokenizer: Tokenizer | None = None  # given: choose whole words (all of a word's pieces)
+    mask_id: int = MASK_ID
+    special_ids: tuple[int, ...] = SPECIAL_IDS  # never chosen, never drawn as replacements
 
     def apply(self, batch: dict[str, np.ndarray], keys: np.ndarray) -> dict[str, np.ndarray]:
         """The MLM version of a `make_batch` batch; row i is corrupted from seed `keys[i]`."""
@@ -43,7 +45,9 @@ class Masking:
                 ids_BxL[i : i + 1],
                 rng,
                 rate=self.rate,
+                mask_id=self.mask_id,
                 vocab_size=self.vocab_size,
+                special_ids=self.special_ids,
                 word_starts_BxL=None if starts_BxL is None else starts_BxL[i : i + 1],
             )
         return {**batch, "inputs": inputs, "targets": ids_BxL.copy(), "weights": weights}
@@ -77,16 +81,16 @@ def masked_eval_batches(
 
 
 def pseudo_perplexity_batches(
-    rows: PackedRows, batch_size: int, max_batches: int = 0
+    rows: PackedRows, batch_size: int, masking: Masking, max_batches: int = 0
 ) -> tuple[int, Iterator[dict[str, np.ndarray]]]:
     """(batch count, batches) that mask each scorable token of `rows` in turn (Salazar et al.).
 
     Every non-special token becomes one example: its row with only that token replaced by
-    `<mask>`, weight 1 there. Examples fill batches of `batch_size` in order (the first
+    `masking.mask_id`, weight 1 there. Examples fill batches of `batch_size` in order (the first
     `max_batches` when > 0); the last batch is padded with weightless rows.
     """
     base = make_batch(rows, np.arange(len(rows)))
-    scorable_RxL = ~np.isin(base["inputs"], SPECIAL_IDS) & (base["segment_ids"] > 0)
+    scorable_RxL = ~np.isin(base["inputs"], masking.special_ids) & (base["segment_ids"] > 0)
     row_E, col_E = np.nonzero(scorable_RxL)
     num_batches = -(-len(row_E) // batch_size)
     num_batches = min(num_batches, max_batches) if max_batches else num_batches
@@ -100,13 +104,33 @@ def pseudo_perplexity_batches(
             targets = batch["inputs"].copy()
             weights = np.zeros(targets.shape, np.float32)
             weights[np.arange(len(row_b)), col_b] = 1.0
-            batch["inputs"][np.arange(len(row_b)), col_b] = MASK_ID
+            batch["inputs"][np.arange(len(row_b)), col_b] = masking.mask_id
             yield {**batch, "targets": targets, "weights": weights}
 
     return num_batches, batches()
 
 
-def masking_for(data: DataConfig, vocab_size: int, tokenizer: Tokenizer) -> Masking:
-    """The corruption that `data.mask_rate` / `data.mask_whole_words` / `data.seed` describe."""
+def masking_for(data: DataConfig, vocab_size: int, tokenizer: TextTokenizer) -> Masking:
+    """The corruption that `data.mask_rate` / `data.mask_whole_words` / `data.seed` describe,
+    with the tokenizer's own mask and special ids (BERT's [MASK] is 103, ours 4)."""
+    if tokenizer.mask is None:
+        raise ValueError(
+            f"Tokenizer {tokenizer.path} has no mask token, which masked-LM needs; use a "
+            "tokenizer trained by `lm tokenizer train` or a BERT-style vocabulary."
+        )
+    specials = (
+        tokenizer.pad,
+        tokenizer.unk,
+        tokenizer.bos,
+        tokenizer.eos,
+        tokenizer.sep,
+        tokenizer.cls,
+    )
+    special_ids = tuple(sorted({tokenizer.mask, *(i for i in specials if i is not None)}))
+    if data.mask_whole_words and not isinstance(tokenizer, Tokenizer):
+        raise ValueError(
+            "data.mask_whole_words=true reads SentencePiece word marks; set it to false for "
+            f"the Hugging Face tokenizer {tokenizer.path}."
+        )
     whole_words = tokenizer if data.mask_whole_words else None
-    return Masking(data.mask_rate, vocab_size, data.seed, whole_words)
+    return Masking(data.mask_rate, vocab_size, data.seed, whole_words, tokenizer.mask, special_ids)
