@@ -83,28 +83,40 @@ def load_params(
 ) -> nnx.State:
     """Parameters for `abstract` (scanned layers) from HF tensors, each placed on its sharding.
 
-    Only one entry's tensors are on the host at a time; every device receives just its shard.
+    Only one parameter (with all its layers) is on the host at a time; every device receives
+    just its shard.
     """
     flat = dict(nnx.to_flat_state(abstract))
     shardings = dict(nnx.to_flat_state(state_shardings(abstract, mesh)))
     values: dict[tuple, jax.Array] = {}
     for entry in entries:
         layers = range(num_layers) if entry.per_layer else [None]
-        per_layer = [
-            entry.to_ours(*(reader.get(name.format(i=i)) for name in entry.hf)) for i in layers
-        ]
-        for j, name in enumerate(entry.ours):
+        hosts: list[np.ndarray | None] = [None] * len(entry.ours)
+        # One layer's HF tensors at a time, written into one preallocated host array per
+        # parameter: the host holds a parameter (all its layers) plus one layer in flight.
+        for k, layer in enumerate(layers):
+            arrays = entry.to_ours(*(reader.get(name.format(i=layer)) for name in entry.hf))
+            for j, array in enumerate(arrays):
+                path = _path(entry.ours[j], None, True)
+                if path not in flat:
+                    raise ValueError(f"Parameter '{'/'.join(map(str, path))}' is not in the model.")
+                target = flat[path]
+                shape = target.shape[1:] if entry.per_layer else target.shape
+                if array.shape != shape:
+                    raise ValueError(
+                        f"Tensor '{entry.hf[0]}' gives {'/'.join(path)} the shape "
+                        f"{(len(layers), *array.shape) if entry.per_layer else array.shape}, but "
+                        f"the config implies {target.shape}; config.json does not match the "
+                        "weights."
+                    )
+                if hosts[j] is None:
+                    hosts[j] = np.empty(target.shape, target.dtype)
+                if entry.per_layer:
+                    hosts[j][k] = array
+                else:
+                    hosts[j][...] = array
+        for name, host in zip(entry.ours, hosts, strict=True):
             path = _path(name, None, True)
-            if path not in flat:
-                raise ValueError(f"Parameter '{'/'.join(map(str, path))}' is not in the model.")
-            target = flat[path]
-            host = np.stack([p[j] for p in per_layer]) if entry.per_layer else per_layer[0][j]
-            if host.shape != target.shape:
-                raise ValueError(
-                    f"Tensor '{entry.hf[0]}' gives {'/'.join(path)} the shape {host.shape}, but "
-                    f"the config implies {target.shape}; config.json does not match the weights."
-                )
-            host = host.astype(target.dtype)
             sharding = shardings[path].get_value()
             values[path] = jax.make_array_from_callback(host.shape, sharding, host.__getitem__)
     missing = [p for p in flat if p not in values]

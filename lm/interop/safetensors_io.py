@@ -1,9 +1,11 @@
 """Read and write Hugging Face safetensors files one tensor at a time, without torch.
 
 A model directory holds `model.safetensors`, or shards `model-0000X-of-0000N.safetensors` listed
-by `model.safetensors.index.json`. Reading opens every file lazily (`safe_open`, numpy
-framework): a tensor's bytes are read only when asked for. Writing streams tensors to disk in the
-same format, so neither side ever holds a whole model in memory.
+by `model.safetensors.index.json`. Reading parses each file's JSON header once and then reads a
+tensor's bytes only when asked for, with plain file reads rather than a memory map: mapped pages
+of every file read would stay resident beside the converted parameters, doubling the peak memory
+of a conversion. Writing streams tensors to disk in the same format, so neither side ever holds a
+whole model in memory.
 """
 
 from __future__ import annotations
@@ -11,11 +13,10 @@ from __future__ import annotations
 import json
 import struct
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import ExitStack
 from pathlib import Path
 
+import ml_dtypes
 import numpy as np
-from safetensors import safe_open
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -32,6 +33,25 @@ _DTYPE_NAMES = {
     "uint8": "U8",
     "bool": "BOOL",
 }
+_DTYPES = {
+    code: np.dtype(ml_dtypes.bfloat16 if name == "bfloat16" else name)
+    for name, code in _DTYPE_NAMES.items()
+}
+
+
+def _read_header(path: Path) -> dict[str, tuple[np.dtype, tuple[int, ...], int]]:
+    """{tensor name: (dtype, shape, absolute byte offset)} of one safetensors file."""
+    with open(path, "rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(length))
+    header.pop("__metadata__", None)
+    tensors = {}
+    for name, info in header.items():
+        if info["dtype"] not in _DTYPES:
+            raise ValueError(f"{path}: tensor '{name}' has unsupported dtype {info['dtype']}.")
+        start = 8 + length + info["data_offsets"][0]
+        tensors[name] = (_DTYPES[info["dtype"]], tuple(info["shape"]), start)
+    return tensors
 
 
 class SafetensorsReader:
@@ -49,18 +69,11 @@ class SafetensorsReader:
                 f"{self.model_dir} has neither {SINGLE_FILE} nor {INDEX_FILE}; pass a Hugging "
                 "Face model directory saved with safetensors (save_pretrained's default)."
             )
-        self._stack = ExitStack()
         files = sorted(set(weight_map.values())) if weight_map else [SINGLE_FILE]
-        self._handles = {
-            name: self._stack.enter_context(
-                safe_open(str(self.model_dir / name), framework="numpy")
-            )
-            for name in files
-        }
         self._where = {
-            key: name
-            for name, handle in self._handles.items()
-            for key in handle.keys()  # noqa: SIM118
+            key: (self.model_dir / name, *entry)
+            for name in files
+            for key, entry in _read_header(self.model_dir / name).items()
         }
 
     def __iter__(self) -> Iterator[str]:
@@ -76,10 +89,14 @@ class SafetensorsReader:
                 f"{self.model_dir} has no tensor '{key}'; the checkpoint is incomplete or "
                 "was saved by a different architecture than its config.json names."
             )
-        return self._handles[self._where[key]].get_tensor(key)
+        path, dtype, shape, start = self._where[key]
+        count = int(np.prod(shape, dtype=np.int64))
+        with open(path, "rb") as f:
+            f.seek(start)
+            return np.fromfile(f, dtype=dtype, count=count).reshape(shape)
 
     def close(self) -> None:
-        self._stack.close()
+        """Nothing stays open between reads; kept so the reader works as a context manager."""
 
     def __enter__(self) -> SafetensorsReader:
         return self
