@@ -20,14 +20,14 @@ from etils import epath
 from flax import nnx
 from jax.sharding import Mesh
 
-from lm.config import CheckpointConfig, Config, MeshConfig, from_dict, to_dict
+from lm.config import Config, MeshConfig, from_dict, to_dict
 from lm.data.tokenizer import TextTokenizer, load_tokenizer, run_tokenizer_file
 from lm.model import Transformer
 from lm.model.heads import MaskedLM, task_model
 from lm.model.lora import LoraModel, merge_lora
 from lm.model.transformer import abstract_split
 from lm.parallel import make_mesh, state_shardings
-from lm.train.checkpoint import Checkpointer, absolute
+from lm.train.checkpoint import absolute
 from lm.train.state import TrainState, abstract_with_shardings
 
 
@@ -140,10 +140,23 @@ def write_params_run(
     run_dir = epath.Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     write_run_files(run_dir, cfg, tokenizer)
-    checkpointer = Checkpointer(run_dir / "checkpoints", CheckpointConfig(async_save=False))
+    # By default Orbax stages every array in host memory before writing: capping the bytes in
+    # flight at 1 GB keeps a conversion's peak resident memory at 1.7-1.8x the model's size on a
+    # CPU-only host (2.0x uncapped, measured on a 1.6 GB Llama) and far below it elsewhere.
+    registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
+    handler = ocp.PyTreeCheckpointHandler(save_concurrent_gb=1, save_device_host_concurrent_gb=1)
+    registry.add("state", ocp.args.PyTreeSave, handler)
+    manager = ocp.CheckpointManager(
+        absolute(run_dir / "checkpoints"),
+        options=ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=False),
+        handler_registry=registry,
+    )
     state = TrainState(jnp.zeros((), jnp.int32), params, {})
-    checkpointer.save(0, state, {"step": 0, "config": to_dict(cfg), **(meta or {})})
-    checkpointer.close()
+    meta = {"step": 0, "config": to_dict(cfg), **(meta or {})}
+    manager.save(
+        0, args=ocp.args.Composite(state=ocp.args.PyTreeSave(state), meta=ocp.args.JsonSave(meta))
+    )
+    manager.close()
 
 
 def export_merged(
