@@ -56,16 +56,22 @@ def random_batch(rows: int = 8, length: int = 16, vocab: int = 64, seed: int = 0
     }
 
 
-@pytest.fixture
-def tiny_text_config(tmp_path) -> Config:
-    """A whole run on a small local text corpus: tiny model, few steps, run dir in tmp."""
-    corpus = tmp_path / "corpus"
+def write_tiny_corpus(directory: pathlib.Path) -> pathlib.Path:
+    """12 small text files of random words from an 11-word vocabulary in `directory/corpus`."""
+    corpus = directory / "corpus"
     corpus.mkdir()
     rng = np.random.default_rng(0)
     words = ["the", "king", "queen", "and", "of", "to", "my", "lord", "is", "what", "thou"]
     for i in range(12):
         text = "\n".join(" ".join(rng.choice(words, 9)) for _ in range(40))
         (corpus / f"doc{i:02d}.txt").write_text(text + "\n")
+    return corpus
+
+
+@pytest.fixture
+def tiny_text_config(tmp_path) -> Config:
+    """A whole run on a small local text corpus: tiny model, few steps, run dir in tmp."""
+    corpus = write_tiny_corpus(tmp_path)
     return load_config(
         None,
         [

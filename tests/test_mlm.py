@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import random_batch, tiny_model
+from conftest import random_batch, tiny_model, write_tiny_corpus
 from flax import nnx
 
 from lm.config import ConfigError, load_config
@@ -113,13 +113,7 @@ def mlm_run(tmp_path_factory):
     from lm.pretrain import pretrain
 
     root = tmp_path_factory.mktemp("mlm")
-    corpus = root / "corpus"
-    corpus.mkdir()
-    rng = np.random.default_rng(0)
-    words = ["the", "king", "queen", "and", "of", "to", "my", "lord", "is", "what", "thou"]
-    for i in range(12):
-        text = "\n".join(" ".join(rng.choice(words, 9)) for _ in range(40))
-        (corpus / f"doc{i:02d}.txt").write_text(text + "\n")
+    corpus = write_tiny_corpus(root)
     cfg = load_config(
         None,
         [
