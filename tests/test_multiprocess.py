@@ -79,9 +79,11 @@ def _env(processes: int, devices: int) -> dict[str, str]:
     return env
 
 
-def _pretrain_cmd(root: Path, run_dir: Path, *overrides: str) -> list[str]:
+def _lm_cmd(
+    root: Path, run_dir: Path, *overrides: str, command: str = "pretrain", config: str = "tiny.yaml"
+) -> list[str]:
     return [
-        sys.executable, "-m", "lm", "pretrain", "--config", str(root / "tiny.yaml"),
+        sys.executable, "-m", "lm", command, "--config", str(root / config),
         f"train.run_dir={run_dir}", *overrides,
     ]  # fmt: skip
 
@@ -101,9 +103,12 @@ def _finish(proc: subprocess.Popen, timeout: float) -> tuple[int, str]:
             proc.wait()
 
 
-def run(root: Path, processes: int, devices: int, run_dir: Path, *overrides: str) -> str:
-    """`lm pretrain` on `processes` processes of `devices` CPU devices each; returns its output."""
-    cmd = _pretrain_cmd(root, run_dir, *overrides)
+def run(
+    root: Path, processes: int, devices: int, run_dir: Path, *overrides: str, **command: str
+) -> str:
+    """`lm pretrain` (or `command=`, `config=`, see _lm_cmd) on `processes` processes of
+    `devices` CPU devices each; returns its output."""
+    cmd = _lm_cmd(root, run_dir, *overrides, **command)
     if processes > 1:
         cmd = ["bash", str(LOCAL), str(processes), *cmd]
     proc = subprocess.Popen(
@@ -128,7 +133,7 @@ def final_eval(run_dir: Path) -> dict[str, float]:
     return json.loads((run_dir / "final_eval.json").read_text())
 
 
-def params_at(run_dir: Path, step: int) -> list[np.ndarray]:
+def params_at(run_dir: Path, step: int | None) -> list[np.ndarray]:
     from lm.runs import load_run
 
     return [np.asarray(x) for x in jax.tree.leaves(load_run(run_dir, step=step).params)]
@@ -169,6 +174,86 @@ def test_four_processes_on_a_hybrid_mesh_match_one_process(workspace, tmp_path):
     assert losses(four) == losses(one) and sorted(losses(one)) == [1, 2]
 
 
+@pytest.fixture(scope="module")
+def finetune_workspace(workspace) -> Path:
+    """A 'pretrained' run (random weights, the workspace's tokenizer), 92 labelled JSONL
+    records and a 6-step classification fine-tune config on mesh (2, 2, 2)."""
+    from flax import nnx
+
+    from lm.config import load_config
+    from lm.model import Transformer
+    from lm.runs import write_params_run
+
+    cfg = load_config(workspace / "tiny.yaml", [])
+    with nnx.use_eager_sharding(False):
+        params = nnx.state(Transformer(cfg.model, rngs=nnx.Rngs(7)))
+    write_params_run(workspace / "pretrained", cfg, params)
+    (workspace / "pretrained" / "tokenizer.model").write_bytes(
+        (workspace / "tokenizer.model").read_bytes()
+    )
+    rng = np.random.default_rng(1)
+    words = ["the", "king", "queen", "and", "of", "to", "my", "lord", "is", "what", "thou"]
+    lines = []
+    for _ in range(92):  # 23 validation examples: the last evaluation batch is padded
+        text = list(rng.choice(words, 6))
+        label = ["none", "one", "both"][["king" in text, "queen" in text].count(True)]
+        lines.append(json.dumps({"text": " ".join(text), "label": label}) + "\n")
+    (workspace / "records.jsonl").write_text("".join(lines))
+    config = {
+        "data": dict(seq_len=16, batch_size=8, validation_fraction=0.25),
+        "finetune": dict(
+            task="classification",
+            dataset=str(workspace / "records.jsonl"),
+            labels="none,one,both",
+            init_from=str(workspace / "pretrained"),
+        ),
+        "mesh": dict(data=2, fsdp=2, tensor=2),
+        "optim": dict(lr=1e-2, warmup_steps=0),
+        "train": dict(steps=6, log_every=1, eval_every=2),
+        "checkpoint": dict(every=3),
+    }
+    (workspace / "finetune.yaml").write_text(yaml.safe_dump(config))
+    return workspace
+
+
+@pytest.mark.slow
+def test_two_process_finetune_matches_one_process_and_writes_each_file_once(
+    finetune_workspace, tmp_path
+):
+    one, two = tmp_path / "one", tmp_path / "two"
+    finetune = dict(command="finetune", config="finetune.yaml")
+    run(finetune_workspace, 1, 8, one, **finetune)
+    run(finetune_workspace, 2, 4, two, **finetune)
+    # Each process trains on its half of every global batch. Unlike `lm pretrain`, the weights
+    # are NOT bit-identical: they drift by ~1e-7 within 3 steps (cause not yet found), so
+    # losses, weights and metrics are compared to float32 rounding.
+    assert sorted(losses(two)) == sorted(losses(one)) == [1, 2, 3, 4, 5, 6]
+    assert losses(two) == pytest.approx(losses(one), rel=1e-6)
+    for a, b in zip(params_at(two, 6), params_at(one, 6), strict=True):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
+    # Validation predictions are gathered from both processes: the same metrics.
+    assert final_eval(two) == pytest.approx(final_eval(one), rel=1e-6)
+    assert {"validation/accuracy", "validation/macro_f1", "best/step"} <= final_eval(one).keys()
+    best = [json.loads((d / "best" / "best.json").read_text()) for d in (one, two)]
+    assert best[0] == best[1] and best[0]["step"] in (2, 4, 6)
+    for a, b in zip(params_at(two / "best", None), params_at(one / "best", None), strict=True):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
+
+    # Only process 0 logs: each step and each evaluation once, and no file is half-written.
+    records = [json.loads(line) for line in (two / "metrics.jsonl").read_text().splitlines()]
+    one_records = (one / "metrics.jsonl").read_text().splitlines()
+    assert len(records) == len(one_records)
+    steps = [r["step"] for r in records if "train/loss" in r]
+    assert steps == sorted(set(steps))
+    for d in (two, two / "best"):
+        assert sorted(p.name for p in d.iterdir() if p.is_file()) == sorted(
+            p.name for p in (one / d.relative_to(two)).iterdir() if p.is_file()
+        )
+    saved = {p.name for p in (two / "checkpoints").iterdir()}
+    assert saved == {p.name for p in (one / "checkpoints").iterdir()} and "6" in saved
+    assert [p.name for p in (two / "best" / "checkpoints").iterdir()] == [str(best[1]["step"])]
+
+
 def test_hybrid_mesh_needs_one_process_or_slice_per_dcn_slice():
     from lm.config import ConfigError, MeshConfig, mesh_shape
     from lm.parallel import make_mesh
@@ -191,7 +276,7 @@ def test_killed_process_stops_the_others_quickly_and_the_run_resumes(workspace, 
         flags = ["--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id"]
         procs.append(
             subprocess.Popen(
-                [*_pretrain_cmd(workspace, run_dir, *overrides), *flags, str(i)],
+                [*_lm_cmd(workspace, run_dir, *overrides), *flags, str(i)],
                 env=_env(1, 4),
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,

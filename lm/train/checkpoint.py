@@ -29,9 +29,16 @@ def checkpoint_meta(cfg: Config, step: int) -> dict:
 
 
 class Checkpointer:
-    """Saves and restores `TrainState` with metadata (config, data position) under `directory`."""
+    """Saves and restores `TrainState` with metadata (config, data position) under `directory`.
 
-    def __init__(self, directory: str | Path, cfg: CheckpointConfig):
+    `barrier_prefix` names this manager's cross-process barriers: Orbax keys them by step
+    alone, so two managers saving the same step at once in a multi-process run (the train
+    checkpoint and the best one) would collide on them unless one has a prefix.
+    """
+
+    def __init__(
+        self, directory: str | Path, cfg: CheckpointConfig, barrier_prefix: str | None = None
+    ):
         self.directory = absolute(epath.Path(directory))
         self.manager = ocp.CheckpointManager(
             self.directory,
@@ -39,6 +46,9 @@ class Checkpointer:
                 max_to_keep=cfg.keep,
                 enable_async_checkpointing=cfg.async_save,
                 create=True,
+                multiprocessing_options=ocp.options.MultiprocessingOptions(
+                    barrier_sync_key_prefix=barrier_prefix
+                ),
             ),
             item_names=("state", "meta"),
         )
@@ -93,7 +103,7 @@ class BestCheckpoint:
         if (self.directory / "best.json").is_file():
             self.record = json.loads((self.directory / "best.json").read_text())
         self.checkpointer = Checkpointer(
-            self.directory / "checkpoints", dataclasses.replace(cfg.checkpoint, keep=1)
+            self.directory / "checkpoints", dataclasses.replace(cfg.checkpoint, keep=1), "best"
         )
 
     def update(self, step: int, state: TrainState, results: dict[str, float]) -> None:
