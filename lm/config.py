@@ -444,9 +444,7 @@ def _validate_finetune(f: FinetuneConfig) -> None:
     if not f.task:
         return
     if f.task not in FINETUNE_METRICS:
-        raise ConfigError(
-            f"finetune.task must be one of {list(FINETUNE_METRICS)}, got '{f.task}'."
-        )
+        raise ConfigError(f"finetune.task must be one of {list(FINETUNE_METRICS)}, got '{f.task}'.")
     for key, value, options in (
         ("finetune.pooling", f.pooling, ("first", "mean", "last")),
         ("finetune.trainable", f.trainable, ("all", "head", "last_k")),

@@ -80,7 +80,7 @@ def test_slurm_script_takes_coordinator_and_ranks_from_slurm(tmp_path):
     (fake / "scontrol").write_text('#!/bin/sh\nprintf "gpu-a17\\ngpu-a18\\n"\n')
     # srun runs the task command once per task, as SLURM would on each node.
     (fake / "srun").write_text(
-        '#!/usr/bin/env bash\nshift\nfor ((i = 0; i < SLURM_NTASKS; i++)); do '
+        "#!/usr/bin/env bash\nshift\nfor ((i = 0; i < SLURM_NTASKS; i++)); do "
         'SLURM_PROCID=$i "$@"; done\n'
     )
     for tool in fake.iterdir():
