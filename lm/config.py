@@ -326,6 +326,12 @@ def load_config(
     return cfg
 
 
+def _require_non_negative(values: dict[str, float]) -> None:
+    for key, value in values.items():
+        if value < 0:
+            raise ConfigError(f"{key} must not be negative, got {value}.")
+
+
 def validate(cfg: Config, device_count: int | None = None) -> None:
     """Raise ConfigError for impossible values; checks the mesh when device_count is given."""
     m, d, o, t = cfg.model, cfg.data, cfg.optim, cfg.train
@@ -355,20 +361,20 @@ def validate(cfg: Config, device_count: int | None = None) -> None:
             raise ConfigError(f"{key} must be positive, got {value}.")
     if o.lr <= 0:
         raise ConfigError(f"optim.lr must be positive, got {o.lr}; try optim.lr=3e-4.")
-    for key, value in {
-        "optim.weight_decay": o.weight_decay,
-        "optim.clip_norm": o.clip_norm,
-        "optim.warmup_steps": o.warmup_steps,
-        "train.z_loss": t.z_loss,
-        "train.eval_batches": t.eval_batches,
-        "model.num_kv_heads": m.num_kv_heads,
-        "model.type_vocab_size": m.type_vocab_size,
-        "train.sample_tokens": t.sample_tokens,
-        "train.stop_at": t.stop_at,
-        "data.stride": d.stride,
-    }.items():
-        if value < 0:
-            raise ConfigError(f"{key} must not be negative, got {value}.")
+    _require_non_negative(
+        {
+            "optim.weight_decay": o.weight_decay,
+            "optim.clip_norm": o.clip_norm,
+            "optim.warmup_steps": o.warmup_steps,
+            "train.z_loss": t.z_loss,
+            "train.eval_batches": t.eval_batches,
+            "model.num_kv_heads": m.num_kv_heads,
+            "model.type_vocab_size": m.type_vocab_size,
+            "train.sample_tokens": t.sample_tokens,
+            "train.stop_at": t.stop_at,
+            "data.stride": d.stride,
+        }
+    )
     if not 0.0 <= m.dropout < 1.0:
         raise ConfigError(f"model.dropout must be in [0, 1), got {m.dropout}.")
     if not 0.0 <= o.min_lr_ratio <= 1.0:
@@ -471,16 +477,16 @@ def _validate_finetune(f: FinetuneConfig) -> None:
         raise ConfigError(f"finetune.template {f.template!r} needs '{{input}}' for the input.")
     if not 0.0 <= f.label_smoothing < 1.0 or not 0.0 <= f.head_dropout < 1.0:
         raise ConfigError("finetune.label_smoothing and finetune.head_dropout must be in [0, 1).")
-    for key, value in {
-        "finetune.num_labels": f.num_labels,
-        "finetune.lora_rank": f.lora_rank,
-        "finetune.patience": f.patience,
-        "finetune.max_new_tokens": f.max_new_tokens,
-        "finetune.generate_examples": f.generate_examples,
-        "finetune.eval_examples": f.eval_examples,
-    }.items():
-        if value < 0:
-            raise ConfigError(f"{key} must not be negative, got {value}.")
+    _require_non_negative(
+        {
+            "finetune.num_labels": f.num_labels,
+            "finetune.lora_rank": f.lora_rank,
+            "finetune.patience": f.patience,
+            "finetune.max_new_tokens": f.max_new_tokens,
+            "finetune.generate_examples": f.generate_examples,
+            "finetune.eval_examples": f.eval_examples,
+        }
+    )
     if f.task in ("classification", "token_labels") and f.num_outputs < 2:
         raise ConfigError(
             f"finetune.task={f.task} needs at least 2 classes; set finetune.labels=NAME,NAME,... "
