@@ -305,6 +305,18 @@ def load_config(
     """Build a validated Config from an optional YAML file and `section.key=value` overrides,
     both applied over the defaults updated by the nested dict `base` (e.g. a checkpoint's
     model section)."""
+    cfg = build_config(path, overrides, base)
+    validate(cfg)
+    return cfg
+
+
+def build_config(
+    path: str | Path | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    base: dict | None = None,
+) -> Config:
+    """`load_config` without the validation of values against each other (keys and types are
+    still checked): for reading a setting before the rest of the config is known."""
     cfg = Config()
     for key, value in _flatten(base or {}).items():
         _set(cfg, key, value)
@@ -322,7 +334,6 @@ def load_config(
             raise ConfigError(f"Override '{item}' must look like section.key=value.")
         key, value = item.split("=", 1)
         _set(cfg, key.strip(), value)
-    validate(cfg)
     return cfg
 
 

@@ -59,3 +59,14 @@ def test_without_init_from_the_config_is_load_configs(tmp_path):
     overrides = ["finetune.task=classification", "finetune.dataset=r.jsonl", "finetune.labels=a,b"]
     cfg = finetune_config(None, [*overrides, "model.d_model=64"])
     assert cfg.model.d_model == 64 and cfg.model.num_layers == Config().model.num_layers
+
+
+def test_config_is_checked_against_the_checkpoints_model_not_the_defaults(tmp_path):
+    model = tiny_model(max_seq_len=1024)  # the default model allows only 256 positions
+    run = tmp_path / "source"
+    run.mkdir()
+    (run / "config.yaml").write_text(yaml.safe_dump(to_dict(Config(model=model))))
+    config = tmp_path / "finetune.yaml"
+    config.write_text(FINETUNE_YAML.replace("SOURCE", str(run)).replace("RUN", str(tmp_path)))
+    cfg = finetune_config(config, ["data.seq_len=512"])
+    assert cfg.data.seq_len == 512 and cfg.model.max_seq_len == 1024

@@ -9,7 +9,7 @@ from pathlib import Path
 import jax
 from flax import nnx
 
-from lm.config import Config, ConfigError, ModelConfig, load_config
+from lm.config import Config, ConfigError, ModelConfig, build_config, load_config
 from lm.runs import read_run_config
 
 # Model keys that change how a checkpoint's parameters are used, not what they are: a fine-tune
@@ -26,10 +26,10 @@ def finetune_config(path: str | Path | None = None, overrides: Sequence[str] = (
     config.yaml), so the architecture need not be copied; keys the file or overrides set
     must equal the checkpoint's, except the runtime keys (`RUNTIME_MODEL_KEYS`).
     """
-    cfg = load_config(path, list(overrides))
-    origin = cfg.finetune.init_from
+    # Validated only once the model section is known: the defaults may not fit this config.
+    origin = build_config(path, list(overrides)).finetune.init_from
     if not origin:
-        return cfg
+        return load_config(path, list(overrides))
     source = read_run_config(origin).model
     cfg = load_config(path, list(overrides), base={"model": dataclasses.asdict(source)})
     for field in dataclasses.fields(ModelConfig):
