@@ -89,7 +89,7 @@ def pretrain(cfg: Config) -> dict[str, float]:
 
         mlm = cfg.train.objective == "mlm"
         objective = (MaskedLMObjective if mlm else CausalLM)(z_loss=cfg.train.z_loss)
-        masking = masking_for(cfg.data, cfg.model.vocab_size, data.tokenizer)
+        masking = masking_for(cfg.data, cfg.model.vocab_size, data.tokenizer) if mlm else None
         train_batches = MaskedStepBatches(data.train, masking) if mlm else data.train
         dropout_seed = cfg.train.seed + 1 if cfg.model.dropout > 0 else None
         train_step = make_train_step(
