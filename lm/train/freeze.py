@@ -16,11 +16,7 @@ import optax
 from flax import nnx
 
 from lm.config import Config
-from lm.train.optim import freeze, make_optimizer
-
-
-def _names(path) -> list[str]:
-    return [str(getattr(k, "key", getattr(k, "name", ""))) for k in path]
+from lm.train.optim import freeze, make_optimizer, path_names
 
 
 def _layer_mask(x: jax.Array, first: int) -> jax.Array:
@@ -46,7 +42,7 @@ class FrozenNoGradient:
         graphdef, params = nnx.split(model)
 
         def gate(path, x):
-            names = _names(path)
+            names = path_names(path)
             if not self.trainable(names):
                 return jax.lax.stop_gradient(x)
             if self.first_layer is not None and "blocks" in names:
@@ -67,7 +63,7 @@ def keep_layers_from(first: int) -> optax.GradientTransformation:
 
     def update(updates, state, params=None):
         def one(path, u):
-            return jnp.where(_layer_mask(u, first), u, 0) if "blocks" in _names(path) else u
+            return jnp.where(_layer_mask(u, first), u, 0) if "blocks" in path_names(path) else u
 
         return jax.tree_util.tree_map_with_path(one, updates), state
 
@@ -79,7 +75,11 @@ def first_trained_layer(cfg: Config) -> int | None:
     f, m = cfg.finetune, cfg.model
     if f.trainable != "last_k" or f.lora_rank or not m.scan_layers:
         return None
-    return m.num_layers - min(f.last_k, m.num_layers)
+    return _first_kept_layer(cfg)
+
+
+def _first_kept_layer(cfg: Config) -> int:
+    return cfg.model.num_layers - min(cfg.finetune.last_k, cfg.model.num_layers)
 
 
 def trainable_names(cfg: Config) -> Callable[[list[str]], bool] | None:
@@ -96,7 +96,7 @@ def trainable_names(cfg: Config) -> Callable[[list[str]], bool] | None:
     if f.trainable == "head":
         return lambda names: "head" in names
     if f.trainable == "last_k":
-        first = m.num_layers - min(f.last_k, m.num_layers)
+        first = _first_kept_layer(cfg)
         top = {"head", "final_norm"} | ({"unembed"} if f.task == "text_to_text" else set())
 
         def last_k(names: list[str]) -> bool:

@@ -38,14 +38,15 @@ def _schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
     return optax.join_schedules([optax.linear_schedule(0.0, cfg.lr, warmup), after], [warmup])
 
 
-def _path_names(path) -> list[str]:
+def path_names(path) -> list[str]:
+    """The names along a pytree key path, e.g. ['backbone', 'blocks', 'attn', 'wq']."""
     return [str(getattr(p, "key", getattr(p, "name", ""))) for p in path]
 
 
 def decay_mask(params):
     """True for parameters that take weight decay (matrices; not norms, biases, embeddings)."""
     return jax.tree_util.tree_map_with_path(
-        lambda path, _: not (_NO_DECAY & set(_path_names(path))), params
+        lambda path, _: not (_NO_DECAY & set(path_names(path))), params
     )
 
 
@@ -66,7 +67,7 @@ def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransfor
 
 def trainable_mask(params, trainable: Callable[[list[str]], bool]):
     """True where `trainable` accepts the parameter's path names (['backbone', 'blocks', ...])."""
-    return jax.tree_util.tree_map_with_path(lambda path, _: trainable(_path_names(path)), params)
+    return jax.tree_util.tree_map_with_path(lambda path, _: trainable(path_names(path)), params)
 
 
 def freeze(
