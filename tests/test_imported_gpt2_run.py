@@ -82,7 +82,7 @@ def test_lm_generate_text_equals_transformers_greedy_and_stops_at_endoftext(impo
     records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     for record, tokens in zip(records, expected, strict=True):
         ended = tokens[-1:] == [eos]
-        assert record["tokens"] == tokens[:-1] if ended else tokens
+        assert record["tokens"] == (tokens[:-1] if ended else tokens)
         assert record["finish_reason"] == ("eos" if ended else "length")
         assert record["text"] == tokenizer.decode(tokens, skip_special_tokens=True)
     # The stop is exercised: EOS fires before the token limit for some prompt, not for all.

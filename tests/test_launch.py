@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -37,8 +38,10 @@ def test_local_launcher_wires_each_process_to_one_loopback_coordinator():
 
 def test_local_launcher_returns_the_first_failure_and_stops_the_others():
     script = '[ "$LM_PROCESS_ID" = 1 ] && exit 3; sleep 30'
+    start = time.monotonic()
     out = sh(str(LAUNCH / "local.sh"), "2", "bash", "-c", script, env={"LM_GRACE_S": "1"})
     assert out.returncode == 3
+    assert time.monotonic() - start < 15  # the sleeping process was stopped, not waited for
     assert "a process exited with status 3" in out.stderr
     assert sh(str(LAUNCH / "local.sh"), "x", "true").returncode == 2
 
