@@ -233,7 +233,8 @@ def test_eos_stops_each_sequence_on_its_own(text_generator):
     # Make EOS win wherever row 0's third token would: logit(EOS) = 1.5 * logit(that token).
     target = base[0].tokens[2]
     assert target not in base[1].tokens
-    model = nnx.merge(text_generator.graphdef, text_generator.params)
+    # A clone: merge shares variables with the fixture's params, which later tests reuse.
+    model = nnx.clone(nnx.merge(text_generator.graphdef, text_generator.params))
     model.unembed[...] = model.unembed[...].at[EOS_ID].set(1.5 * model.unembed[...][target])
     out = Generator(model, text_generator.tokenizer).generate(prompts, max_new_tokens=10)
     assert base[0].logprobs[2] > -np.log(VOCAB)  # the target's logit led, so it is positive

@@ -41,7 +41,9 @@ def test_merged_model_gives_adapter_logits(scan_layers):
     np.testing.assert_allclose(merged, adapted, atol=1e-5, rtol=1e-5)
     merged_model = merge_lora(model)
     assert isinstance(merged_model, Transformer)
-    assert "adapters" not in nnx.state(merged_model)
+    # Plain weights, no adapters: exactly the base model's parameters, with the same shapes.
+    shapes = lambda m: {p: v[...].shape for p, v in nnx.to_flat_state(nnx.state(m))}
+    assert shapes(merged_model) == shapes(model.base)
 
 
 def test_build_model_wraps_task_model_and_rejects_unknown_targets():
