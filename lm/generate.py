@@ -201,13 +201,7 @@ class Generator:
 
     # ---- public API ---------------------------------------------------------------------
 
-    def generate(
-        self,
-        prompts: list[str],
-        *,
-        truncate_prompt: bool = False,
-        **options,
-    ) -> list[Completion]:
+    def generate(self, prompts: list[str], **options) -> list[Completion]:
         """Continue each text prompt (led by BOS, if the tokenizer has one); options as in
         `generate_ids`."""
         self._need_tokenizer("text prompts")
@@ -217,9 +211,7 @@ class Generator:
                     f"Prompt {i} is empty; give some text to continue (for an unconditional "
                     f"sample, call generate_ids with [[{self.bos}]], the BOS id)."
                 )
-        return self.generate_ids(
-            self.prompt_ids(prompts), truncate_prompt=truncate_prompt, **options
-        )
+        return self.generate_ids(self.prompt_ids(prompts), **options)
 
     def prompt_ids(self, prompts: Sequence[str]) -> list[list[int]]:
         """Token ids of each text prompt, led by BOS where the tokenizer has one."""
@@ -259,9 +251,7 @@ class Generator:
         """
         if stop:
             self._need_tokenizer("stop strings")
-        self._check_options(
-            max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, num_beams
-        )
+        self._check_options(temperature, top_k, top_p, min_p, repetition_penalty, num_beams)
         if num_beams > 1:
             return self.beam_search(
                 prompts,
@@ -312,10 +302,9 @@ class Generator:
         return self.tokenizer
 
     def _check_options(
-        self, max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, num_beams
+        self, temperature, top_k, top_p, min_p, repetition_penalty, num_beams
     ) -> None:
         problems = [
-            (max_new_tokens < 1, f"max_new_tokens must be at least 1, got {max_new_tokens}"),
             (temperature < 0, f"temperature must be >= 0 (0 = greedy), got {temperature}"),
             (top_k < 0, f"top_k must be >= 0 (0 = off), got {top_k}"),
             (not 0 < top_p <= 1, f"top_p must be in (0, 1] (1 = off), got {top_p}"),
