@@ -22,8 +22,9 @@ from tqdm import tqdm
 
 from lm.config import Config, ConfigError, load_config, to_dict, validate
 from lm.data.mlm import masked_eval_batches, masking_for, pseudo_perplexity_batches
-from lm.data.pipeline import eval_batches, pad_id, rows_for, tokenize_documents
+from lm.data.pipeline import eval_batches, rows_for, tokenize_documents
 from lm.data.sources import load_documents
+from lm.data.tokenizer import pad_id
 from lm.distributed import initialize, process_zero_first
 from lm.evaluate import evaluate_lm
 from lm.parallel import batch_sharding, make_mesh

@@ -28,7 +28,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from lm.beam_search import BeamOptions, BeamSearch, beam_step
-from lm.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, TextTokenizer
+from lm.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, TextTokenizer, pad_id
 from lm.model.kv_cache import KVCache
 from lm.sampling import Sampling, choose_tokens, token_logprobs
 
@@ -73,7 +73,7 @@ def special_ids(tokenizer: TextTokenizer | None) -> tuple[int | None, int | None
     here."""
     if tokenizer is None:
         return BOS_ID, EOS_ID, PAD_ID
-    return tokenizer.bos, tokenizer.eos, 0 if tokenizer.pad is None else tokenizer.pad
+    return tokenizer.bos, tokenizer.eos, pad_id(tokenizer)
 
 
 @dataclasses.dataclass

@@ -29,6 +29,8 @@ from lm.data.tokenizer import (
     PAD_ID,
     TextTokenizer,
     load_tokenizer,
+    pad_id,
+    run_tokenizer_file,
     train_tokenizer,
 )
 
@@ -79,12 +81,6 @@ def tokenize_documents(tokenizer: TextTokenizer, docs: Sequence[str]) -> list[np
     for a tokenizer without one), as int32 arrays."""
     lead = [] if tokenizer.bos is None else [tokenizer.bos]
     return [np.array(lead + ids, np.int32) for ids in tokenizer.encode_batch(list(docs))]
-
-
-def pad_id(tokenizer: TextTokenizer) -> int:
-    """The id rows are padded with: the tokenizer's pad token, else 0 (any id works: padding
-    carries no loss and is masked from attention; GPT-2 and Llama have no pad token)."""
-    return PAD_ID if tokenizer.pad is None else tokenizer.pad
 
 
 def pack_documents(docs: Sequence[Sequence[int]], seq_len: int, pad: int = PAD_ID) -> PackedRows:
@@ -284,10 +280,12 @@ class PretrainData:
 def _tokenizer_for(
     data: DataConfig, run_dir: Path, train_docs: Sequence[str], vocab_size: int
 ) -> TextTokenizer:
-    run_model = run_dir / "tokenizer.model"
-    if not data.tokenizer and not run_model.is_file():
-        return train_tokenizer(train_docs, run_model, vocab_size, data.tokenizer_type)
-    tokenizer = load_tokenizer(data.tokenizer or run_model)
+    own = run_tokenizer_file(run_dir)
+    if not data.tokenizer and own is None:
+        return train_tokenizer(
+            train_docs, run_dir / "tokenizer.model", vocab_size, data.tokenizer_type
+        )
+    tokenizer = load_tokenizer(data.tokenizer or own)
     if tokenizer.vocab_size != vocab_size:
         raise ValueError(
             f"Tokenizer {tokenizer.path} has {tokenizer.vocab_size} pieces but "

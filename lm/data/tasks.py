@@ -23,7 +23,7 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
-from lm.data.tokenizer import TextTokenizer
+from lm.data.tokenizer import TextTokenizer, pad_id
 
 IGNORE_TAG = -1  # tag of pieces that carry no label: non-first pieces, BOS, EOS, padding
 
@@ -40,7 +40,7 @@ def frame_ids(tokenizer: TextTokenizer) -> tuple[int, int, int]:
             f"Tokenizer {tokenizer.path} has neither BOS/EOS nor [CLS]/[SEP] tokens to frame "
             "task rows with; use a tokenizer that defines them."
         )
-    return start, end, 0 if tokenizer.pad is None else tokenizer.pad
+    return start, end, pad_id(tokenizer)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -141,6 +141,12 @@ def load_tokenizer(path: str | os.PathLike) -> TextTokenizer:
     return Tokenizer(path)
 
 
+def pad_id(tokenizer: TextTokenizer) -> int:
+    """The id rows are padded with: the tokenizer's pad token, else 0 (any id works: padding
+    carries no loss and is masked from attention; GPT-2 and Llama have no pad token)."""
+    return PAD_ID if tokenizer.pad is None else tokenizer.pad
+
+
 def run_tokenizer_file(run_dir: str | os.PathLike) -> epath.Path | None:
     """The tokenizer file a run directory (local or gs://) holds, tokenizer.model first."""
     for name in RUN_TOKENIZER_FILES:
