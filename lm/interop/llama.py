@@ -116,23 +116,14 @@ def entries(m: ModelConfig, prefix: str) -> list[Tensors]:
     if m.bias:
         out += [
             tensor(
-                "blocks/attn/bq",
-                layer + "self_attn.q_proj.bias",
-                lambda b: b.reshape(h, k),
+                f"blocks/attn/b{name}",
+                layer + f"self_attn.{name}_proj.bias",
+                lambda b, heads=heads: b.reshape(heads, k),
                 lambda b: b.reshape(-1),
-            ),
-            tensor(
-                "blocks/attn/bk",
-                layer + "self_attn.k_proj.bias",
-                lambda b: b.reshape(g, k),
-                lambda b: b.reshape(-1),
-            ),
-            tensor(
-                "blocks/attn/bv",
-                layer + "self_attn.v_proj.bias",
-                lambda b: b.reshape(g, k),
-                lambda b: b.reshape(-1),
-            ),
+            )
+            for name, heads in (("q", h), ("k", g), ("v", g))
+        ]
+        out += [
             tensor("blocks/attn/bo", layer + "self_attn.o_proj.bias"),
             tensor("blocks/mlp/b_gate", layer + "mlp.gate_proj.bias"),
             tensor("blocks/mlp/b_up", layer + "mlp.up_proj.bias"),
