@@ -74,8 +74,13 @@ def dot_product_attention(
     implementation: str,
 ) -> jax.Array:
     """softmax(QKᵀ/√d_k)V with G key/value heads shared by H query heads."""
-    k_BxGxSxK, v_BxGxSxK = k_BxSxGxK.transpose(0, 2, 1, 3), v_BxSxGxK.transpose(0, 2, 1, 3)
-    return cached_attention(q_BxLxHxK, k_BxGxSxK, v_BxGxSxK, mask_Bx1xLxS, implementation)
+    if implementation in ("xla", "cudnn"):
+        return jax.nn.dot_product_attention(
+            q_BxLxHxK, k_BxSxGxK, v_BxSxGxK, mask=mask_Bx1xLxS, implementation=implementation
+        )
+    return _heads_major_attention(
+        q_BxLxHxK, k_BxSxGxK.transpose(0, 2, 1, 3), v_BxSxGxK.transpose(0, 2, 1, 3), mask_Bx1xLxS
+    )
 
 
 def cached_attention(
@@ -85,8 +90,7 @@ def cached_attention(
     mask_Bx1xLxS: jax.Array,
     implementation: str,
 ) -> jax.Array:
-    """`dot_product_attention` on heads-major keys and values, a KV cache's layout (see
-    `KVCache`); XLA cancels the transposes for `jax.nn.dot_product_attention`."""
+    """`dot_product_attention` on a KV cache's heads-major keys and values (see `KVCache`)."""
     if implementation in ("xla", "cudnn"):
         return jax.nn.dot_product_attention(
             q_BxLxHxK,
