@@ -16,8 +16,8 @@ import jax
 import numpy as np
 
 from lm.config import load_config
-from lm.parallel import batch_sharding, make_mesh
-from lm.runs import build_model
+from lm.model.build import build_model
+from lm.runtime.mesh import batch_sharding, make_mesh
 from lm.train.freeze import FrozenNoGradient, trainable_names
 from lm.train.objectives import SequenceClassification
 from lm.train.optim import freeze, make_optimizer

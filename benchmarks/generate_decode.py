@@ -1,4 +1,4 @@
-"""Decode throughput of `lm.generate.Generator` (KV cache, greedy) for the benchmark shape.
+"""Decode throughput of `Generator` (KV cache, greedy) for the benchmark shape.
 
 Random weights of `configs/bench_cpu.yaml` (GPT-2 shape: d_model 256, 4 layers, vocab 16384),
 random prompts of --prompt-len tokens, exactly --max-new-tokens new tokens per row (EOS is made
@@ -40,7 +40,7 @@ def main() -> None:
 
     from lm.config import load_config
     from lm.data.tokenizer import EOS_ID
-    from lm.generate import Generator
+    from lm.inference.generator import Generator
     from lm.model import Transformer
 
     load_start = os.getloadavg()[0]

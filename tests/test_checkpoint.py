@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 from conftest import random_batch, tiny_model
 
+from lm.commands.pretrain import pretrain
 from lm.config import CheckpointConfig, MeshConfig, OptimConfig
 from lm.data.tokenizer import load_tokenizer
 from lm.model import Transformer
-from lm.parallel import batch_sharding, make_mesh
-from lm.pretrain import pretrain
+from lm.runtime.mesh import batch_sharding, make_mesh
 from lm.train.checkpoint import Checkpointer, abstract_of
-from lm.train.objectives import CausalLM
+from lm.train.objectives import TokenCrossEntropy
 from lm.train.optim import make_optimizer
 from lm.train.state import create_train_state
 from lm.train.step import make_train_step
@@ -27,7 +27,7 @@ def setup(mesh_shape, seed=0):
         graphdef, state, shardings = create_train_state(
             lambda rngs: Transformer(tiny_model(), rngs=rngs), tx, mesh, seed
         )
-    step = make_train_step(graphdef, tx, CausalLM(), shardings)
+    step = make_train_step(graphdef, tx, TokenCrossEntropy(), shardings)
     return mesh, state, shardings, step
 
 

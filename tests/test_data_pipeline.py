@@ -9,11 +9,10 @@ import pytest
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 from lm.config import ConfigError, DataConfig, load_config
+from lm.data.batches import StepBatcher, ordered_batches
 from lm.data.pipeline import (
     PackedRows,
     RowStats,
-    StepBatches,
-    eval_batches,
     load_pretrain_data,
     make_batch,
     pack_documents,
@@ -95,17 +94,17 @@ def _rows(count, seq_len=8):
 
 def test_same_step_gives_the_same_batch_in_fresh_instances():
     rows = _rows(50)
-    a, b = StepBatches(rows, 8, seed=3), StepBatches(rows, 8, seed=3)
+    a, b = StepBatcher(rows, 8, seed=3), StepBatcher(rows, 8, seed=3)
     for step in (0, 5, 17, 1000):
         np.testing.assert_array_equal(a.indices(step), b.indices(step))
         for key, value in a.local_batch(step).items():
             np.testing.assert_array_equal(value, b.local_batch(step)[key])
-    assert not np.array_equal(a.indices(0), StepBatches(rows, 8, seed=4).indices(0))
+    assert not np.array_equal(a.indices(0), StepBatcher(rows, 8, seed=4).indices(0))
 
 
 @pytest.mark.parametrize("processes", [2, 4])
 def test_process_slices_assemble_the_single_process_batch(processes):
-    batches = StepBatches(_rows(50), 8, seed=0)
+    batches = StepBatcher(_rows(50), 8, seed=0)
     for step in (0, 9):
         whole = batches.local_batch(step, process_index=0, process_count=1)
         parts = [batches.local_batch(step, p, processes) for p in range(processes)]
@@ -114,38 +113,38 @@ def test_process_slices_assemble_the_single_process_batch(processes):
 
 
 def test_epochs_cover_every_row_once_in_different_orders():
-    batches = StepBatches(_rows(48), 8, seed=0)
+    batches = StepBatcher(_rows(48), 8, seed=0)
     assert batches.steps_per_epoch == 6
     epochs = [np.concatenate([batches.indices(e * 6 + s) for s in range(6)]) for e in range(3)]
     for order in epochs:
         assert sorted(order.tolist()) == list(range(48))
     assert not np.array_equal(epochs[0], epochs[1]) and not np.array_equal(epochs[1], epochs[2])
-    unshuffled = StepBatches(_rows(48), 8, seed=0, shuffle=False)
+    unshuffled = StepBatcher(_rows(48), 8, seed=0, shuffle=False)
     assert unshuffled.indices(7).tolist() == list(range(8, 16))
 
 
 def test_step_batches_errors_name_the_sizes():
     with pytest.raises(ValueError, match=r"packs into 3 rows .* global batch of 8"):
-        StepBatches(_rows(3), 8, seed=0)
+        StepBatcher(_rows(3), 8, seed=0)
     with pytest.raises(ValueError, match=r"batch_size=8 must divide evenly over 3 processes"):
-        StepBatches(_rows(20), 8, seed=0).local_batch(0, 0, 3)
+        StepBatcher(_rows(20), 8, seed=0).local_batch(0, 0, 3)
 
 
 def test_eval_batches_pad_the_last_batch():
     rows = _rows(10)
-    batches = list(eval_batches(rows, 4))
+    batches = list(ordered_batches(rows, 4))
     assert len(batches) == 3
     inputs = np.concatenate([b["inputs"] for b in batches])
     np.testing.assert_array_equal(inputs[:10], rows.tokens[:, :-1])
     assert (inputs[10:] == PAD_ID).all() and batches[-1]["weights"][2:].sum() == 0
     assert batches[-1]["weights"][:2].all()
-    assert len(list(eval_batches(rows, 4, max_batches=2))) == 2
+    assert len(list(ordered_batches(rows, 4, max_batches=2))) == 2
 
 
 def test_to_global_lays_out_local_rows_on_the_mesh():
     mesh = jax.make_mesh((8,), ("data",), axis_types=(AxisType.Auto,))
     sharding = NamedSharding(mesh, PartitionSpec("data"))
-    local = StepBatches(_rows(40), 16, seed=0).local_batch(2)
+    local = StepBatcher(_rows(40), 16, seed=0).local_batch(2)
     arrays = to_global(local, sharding)
     for key, value in local.items():
         assert arrays[key].shape == value.shape and arrays[key].sharding == sharding

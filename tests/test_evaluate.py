@@ -11,15 +11,17 @@ from conftest import tiny_model
 from flax import nnx
 
 from lm.cli import main
+from lm.commands.evaluate import evaluate_run, evaluation_config
 from lm.config import Config, ConfigError, DataConfig, MeshConfig
-from lm.data.pipeline import eval_batches, rows_for, tokenize_documents
+from lm.data.batches import ordered_batches
+from lm.data.pipeline import rows_for, tokenize_documents
 from lm.data.sources import load_documents
 from lm.data.tokenizer import BOS_ID, PAD_ID, train_tokenizer
-from lm.evaluate import evaluate_lm
-from lm.evaluate_run import evaluate_run, evaluation_config
-from lm.parallel import batch_sharding, make_mesh
-from lm.runs import build_model, load_run, write_params_run
-from lm.train.objectives import CausalLM
+from lm.evaluation.lm_metrics import evaluate_lm
+from lm.model.build import build_model
+from lm.run_dir import load_run, write_params_run
+from lm.runtime.mesh import batch_sharding, make_mesh
+from lm.train.objectives import TokenCrossEntropy
 from lm.train.step import make_eval_step
 
 SEQ_LEN = 16
@@ -66,7 +68,7 @@ def one_device(causal_run):
     """(params on a 1-device mesh, jitted [1, L] logits, `score(docs, packing, stride)`)."""
     mesh = make_mesh(MeshConfig(1, 1, 1), jax.devices()[:1])
     run = load_run(causal_run, mesh=mesh)
-    eval_step = make_eval_step(run.graphdef, CausalLM())
+    eval_step = make_eval_step(run.graphdef, TokenCrossEntropy())
 
     @jax.jit
     def logits(params, tokens_1xL):
@@ -74,7 +76,7 @@ def one_device(causal_run):
 
     def score(docs, packing, stride=0):
         rows, _ = rows_for(docs, SEQ_LEN, packing, stride)
-        batches = eval_batches(rows, 8)
+        batches = ordered_batches(rows, 8)
         return evaluate_lm(eval_step, run.params, batches, None, batch_sharding(mesh))
 
     return mesh, run, logits, score

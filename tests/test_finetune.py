@@ -9,6 +9,7 @@ from conftest import tiny_model
 from flax import nnx
 
 from lm.cli import main
+from lm.commands.finetune import finetune
 from lm.config import (
     Config,
     ConfigError,
@@ -19,10 +20,10 @@ from lm.config import (
     load_config,
 )
 from lm.data.tokenizer import train_tokenizer
-from lm.finetune import finetune
 from lm.model import Transformer
-from lm.parallel import batch_sharding, make_mesh
-from lm.runs import build_model, load_run, write_params_run
+from lm.model.build import build_model
+from lm.run_dir import load_run, write_params_run
+from lm.runtime.mesh import batch_sharding, make_mesh
 from lm.train.freeze import finetune_optimizer, gate_frozen, trainable_names
 from lm.train.init_from import copy_backbone
 from lm.train.objectives import SequenceClassification

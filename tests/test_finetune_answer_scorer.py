@@ -6,8 +6,8 @@ from flax import nnx
 
 from lm.config import Config, DataConfig, FinetuneConfig
 from lm.data.tokenizer import BOS_ID, train_tokenizer
-from lm.evaluate_tasks import AnswerScorer
-from lm.generate import Generator
+from lm.evaluation.tasks import AnswerScorer
+from lm.inference.generator import Generator
 from lm.model import Transformer
 
 PROMPTS = ["the king", "my lord is", "what of the queen", "thou and"]

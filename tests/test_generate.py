@@ -14,12 +14,12 @@ from scipy import stats
 from lm.cli import main
 from lm.config import Config, MeshConfig
 from lm.data.tokenizer import EOS_ID, train_tokenizer
-from lm.generate import Generator
+from lm.inference.generator import Generator
+from lm.inference.sampling import filter_logits, penalize_repeats
 from lm.model import Transformer
 from lm.model.kv_cache import KVCache
-from lm.parallel import make_mesh, state_shardings
-from lm.runs import write_params_run
-from lm.sampling import filter_logits, penalize_repeats
+from lm.run_dir import write_params_run
+from lm.runtime.mesh import make_mesh, state_shardings
 
 WORDS = ["the", "king", "queen", "and", "of", "to", "my", "lord", "is", "what", "thou", "hath"]
 VOCAB = 300

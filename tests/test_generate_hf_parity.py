@@ -16,10 +16,10 @@ from transformers.generation import logits_process  # noqa: E402
 
 from lm.config import MeshConfig  # noqa: E402
 from lm.data.tokenizer import EOS_ID, PAD_ID  # noqa: E402
-from lm.generate import Generator  # noqa: E402
+from lm.inference.generator import Generator  # noqa: E402
+from lm.inference.sampling import filter_logits, penalize_repeats  # noqa: E402
 from lm.interop.convert import import_hf  # noqa: E402
-from lm.parallel import make_mesh  # noqa: E402
-from lm.sampling import filter_logits, penalize_repeats  # noqa: E402
+from lm.runtime.mesh import make_mesh  # noqa: E402
 
 NEW_TOKENS = 10
 PROMPT_LENGTHS = [5, 2, 7, 4]  # left padding for all rows but the third

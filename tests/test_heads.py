@@ -10,7 +10,12 @@ from lm.config import Config, FinetuneConfig
 from lm.data.tasks import encode_token_labels
 from lm.data.tokenizer import train_tokenizer
 from lm.model.heads import pool, task_model
-from lm.train.objectives import CausalLM, Regression, SequenceClassification, TokenClassification
+from lm.train.objectives import (
+    Regression,
+    SequenceClassification,
+    TokenClassification,
+    TokenCrossEntropy,
+)
 
 B, L = 4, 12
 LENGTHS = np.array([12, 7, 3, 9])
@@ -112,15 +117,15 @@ def test_sft_loss_ignores_prompt_labels():
         model = build("regression", label_column="x").backbone  # any causal Transformer
     batch = random_batch(rows=2, length=10, docs=1)
     batch["weights"][:, :6] = 0.0  # prompt positions
-    loss, sums = CausalLM().loss(model, batch)
+    loss, sums = TokenCrossEntropy().loss(model, batch)
     changed = {**batch, "targets": batch["targets"].copy()}
     changed["targets"][:, :6] = (changed["targets"][:, :6] + 5) % 64
-    loss2, sums2 = CausalLM().loss(model, changed)
+    loss2, sums2 = TokenCrossEntropy().loss(model, changed)
     assert float(loss2) == float(loss)
     np.testing.assert_array_equal(np.asarray(sums2["weight_sum"]), [4, 4])
     # ...while an answer label does move it.
     changed["targets"][:, 7] = (changed["targets"][:, 7] + 5) % 64
-    assert float(CausalLM().loss(model, changed)[0]) != float(loss)
+    assert float(TokenCrossEntropy().loss(model, changed)[0]) != float(loss)
 
 
 def test_heads_compose_with_dropout_only_in_training():

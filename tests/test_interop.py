@@ -22,8 +22,8 @@ from lm.cli import main  # noqa: E402
 from lm.config import Config, DataConfig, MeshConfig  # noqa: E402
 from lm.interop.convert import export_config, from_hf, import_hf, to_hf  # noqa: E402
 from lm.model import Transformer  # noqa: E402
-from lm.parallel import make_mesh  # noqa: E402
-from lm.runs import load_run, write_params_run  # noqa: E402
+from lm.run_dir import load_run, write_params_run  # noqa: E402
+from lm.runtime.mesh import make_mesh  # noqa: E402
 
 LENGTH = 12
 

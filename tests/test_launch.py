@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from lm.distributed import DistributedSpec, resolve
+from lm.runtime.distributed import DistributedSpec, resolve
 
 LAUNCH = Path(__file__).resolve().parent.parent / "launch"
 

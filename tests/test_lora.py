@@ -8,9 +8,9 @@ from flax import nnx
 
 from lm.config import Config, FinetuneConfig
 from lm.model import Transformer
+from lm.model.build import build_model
 from lm.model.heads import TaskModel
 from lm.model.lora import LoraModel, merge_lora
-from lm.runs import build_model
 
 
 def _randomise_b(model: LoraModel) -> None:

@@ -10,15 +10,16 @@ import pytest
 from conftest import random_batch, tiny_model, write_tiny_corpus
 from flax import nnx
 
+from lm.commands.pretrain import check_objective_fits_model
 from lm.config import ConfigError, load_config
+from lm.data.batches import StepBatcher
 from lm.data.masking import SPECIAL_IDS
 from lm.data.mlm import MaskedStepBatches, Masking
-from lm.data.pipeline import StepBatches, pack_documents
+from lm.data.pipeline import pack_documents
 from lm.data.tokenizer import BOS_ID, MASK_ID
 from lm.model import Transformer
 from lm.model.heads import MaskedLM
-from lm.pretrain import check_objective_fits_model
-from lm.train.objectives import MaskedLMObjective
+from lm.train.objectives import TokenCrossEntropy
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +34,7 @@ def encoder():
 
     @jax.jit
     def loss(params, batch):
-        return MaskedLMObjective().loss(nnx.merge(graphdef, params), batch, evaluating=True)
+        return TokenCrossEntropy().loss(nnx.merge(graphdef, params), batch, evaluating=True)
 
     return graphdef, params, logits, loss
 
@@ -80,7 +81,7 @@ def test_mlm_batches_are_seeded_per_row_and_independent_of_process_count():
     rng = np.random.default_rng(1)
     docs = [[BOS_ID, *rng.integers(7, 64, n)] for n in rng.integers(5, 40, 30)]
     masking = Masking(rate=0.15, vocab_size=64, seed=3)
-    batches = MaskedStepBatches(StepBatches(pack_documents(docs, 16), 8, seed=0), masking)
+    batches = MaskedStepBatches(StepBatcher(pack_documents(docs, 16), 8, seed=0), masking)
     whole = batches.local_batch(5, 0, 1)
     halves = [batches.local_batch(5, i, 2) for i in range(2)]
     for key, value in whole.items():
@@ -110,7 +111,7 @@ def test_objective_and_model_must_agree():
 @pytest.fixture(scope="module")
 def mlm_run(tmp_path_factory):
     """A tiny encoder pretrained for a few steps through `lm pretrain` (objective mlm)."""
-    from lm.pretrain import pretrain
+    from lm.commands.pretrain import pretrain
 
     root = tmp_path_factory.mktemp("mlm")
     corpus = write_tiny_corpus(root)
@@ -158,10 +159,10 @@ def test_mlm_pretrain_reports_masked_loss_and_accuracy(mlm_run, capsys):
 
 
 def test_lm_evaluate_repeats_the_runs_masked_accuracy_and_scores_every_token(mlm_run):
+    from lm.commands.evaluate import evaluate_run, evaluation_config
     from lm.data.pipeline import rows_for, tokenize_documents
     from lm.data.sources import load_documents
-    from lm.evaluate_run import evaluate_run, evaluation_config
-    from lm.runs import load_run
+    from lm.run_dir import load_run
 
     cfg, final = mlm_run
     run_dir = cfg.train.run_dir

@@ -134,7 +134,7 @@ def final_eval(run_dir: Path) -> dict[str, float]:
 
 
 def params_at(run_dir: Path, step: int | None) -> list[np.ndarray]:
-    from lm.runs import load_run
+    from lm.run_dir import load_run
 
     return [np.asarray(x) for x in jax.tree.leaves(load_run(run_dir, step=step).params)]
 
@@ -182,7 +182,7 @@ def finetune_workspace(workspace) -> Path:
 
     from lm.config import load_config
     from lm.model import Transformer
-    from lm.runs import write_params_run
+    from lm.run_dir import write_params_run
 
     cfg = load_config(workspace / "tiny.yaml", [])
     with nnx.use_eager_sharding(False):
@@ -256,7 +256,7 @@ def test_two_process_finetune_matches_one_process_and_writes_each_file_once(
 
 def test_hybrid_mesh_needs_one_process_or_slice_per_dcn_slice():
     from lm.config import ConfigError, MeshConfig, mesh_shape
-    from lm.parallel import make_mesh
+    from lm.runtime.mesh import make_mesh
 
     assert mesh_shape(MeshConfig(data=-1, tensor=2, dcn_data=2, dcn_fsdp=2), 16) == (4, 2, 2)
     with pytest.raises(ConfigError, match="asks for 2 slices but the devices come from 1 process"):

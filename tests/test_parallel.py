@@ -9,8 +9,8 @@ from jax.sharding import PartitionSpec as P
 
 from lm.config import MeshConfig, OptimConfig
 from lm.model import Transformer
-from lm.parallel import batch_sharding, logical_to_spec, make_mesh
-from lm.train.objectives import CausalLM
+from lm.runtime.mesh import batch_sharding, logical_to_spec, make_mesh
+from lm.train.objectives import TokenCrossEntropy
 from lm.train.optim import make_optimizer
 from lm.train.state import create_train_state
 from lm.train.step import make_train_step
@@ -28,7 +28,7 @@ def loss_and_grads(mesh_shape, cfg):
         graphdef, state, shardings = create_train_state(
             lambda rngs: Transformer(cfg, rngs=rngs), tx, mesh, seed=0
         )
-        objective = CausalLM()
+        objective = TokenCrossEntropy()
 
         @jax.jit
         def grads_of(params, batch):

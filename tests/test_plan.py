@@ -10,10 +10,10 @@ import pytest
 from conftest import tiny_model
 
 from lm.cli import main
+from lm.commands.plan import plan_memory
 from lm.config import Config, DataConfig, MeshConfig, load_config
-from lm.parallel import make_mesh
-from lm.plan import plan_memory
-from lm.runs import build_model
+from lm.model.build import build_model
+from lm.runtime.mesh import make_mesh
 from lm.train.optim import make_optimizer
 from lm.train.state import create_train_state
 

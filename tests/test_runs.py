@@ -7,8 +7,9 @@ from conftest import tiny_model
 from flax import nnx
 
 from lm.config import Config, DataConfig, MeshConfig
-from lm.parallel import make_mesh
-from lm.runs import build_model, load_run, write_params_run
+from lm.model.build import build_model
+from lm.run_dir import load_run, write_params_run
+from lm.runtime.mesh import make_mesh
 
 
 def test_written_params_run_loads_back_exactly_on_a_sharded_mesh(tmp_path):

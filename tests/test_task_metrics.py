@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from lm import task_metrics as tm
+from lm.evaluation import task_metrics as tm
 
 
 def test_accuracy_and_macro_f1_match_hand_computed_counts():

@@ -10,11 +10,11 @@ from conftest import random_batch, tiny_model
 
 from lm.config import CheckpointConfig, MeshConfig, OptimConfig
 from lm.model import Transformer
-from lm.parallel import batch_sharding, make_mesh
+from lm.runtime.mesh import batch_sharding, make_mesh
 from lm.train.checkpoint import Checkpointer
 from lm.train.loop import LoopSettings, TrainingDiverged, run_loop
 from lm.train.metrics import MetricsWriter
-from lm.train.objectives import CausalLM, token_losses
+from lm.train.objectives import TokenCrossEntropy, token_losses
 from lm.train.optim import decay_mask, learning_rate, make_optimizer
 from lm.train.state import create_train_state
 from lm.train.step import make_train_step
@@ -29,7 +29,7 @@ def one_step(grad_accum, mesh_shape=(2, 2, 2)):
         graphdef, state, shardings = create_train_state(
             lambda rngs: Transformer(tiny_model(), rngs=rngs), tx, mesh, 0
         )
-        step = make_train_step(graphdef, tx, CausalLM(), shardings, grad_accum=grad_accum)
+        step = make_train_step(graphdef, tx, TokenCrossEntropy(), shardings, grad_accum=grad_accum)
         state, metrics = step(state, jax.device_put(random_batch(seed=3), batch_sharding(mesh)))
     return jax.tree.map(np.asarray, state.params), jax.device_get(metrics)
 

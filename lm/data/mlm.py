@@ -16,8 +16,9 @@ import jax
 import numpy as np
 
 from lm.config import DataConfig
+from lm.data.batches import StepBatcher, ordered_batches
 from lm.data.masking import SPECIAL_IDS, mask_tokens, word_starts
-from lm.data.pipeline import PackedRows, StepBatches, eval_batches, make_batch
+from lm.data.pipeline import PackedRows, make_batch
 from lm.data.tokenizer import MASK_ID, TextTokenizer, Tokenizer
 
 _TRAIN_STREAM, _EVAL_STREAM = 0, 1
@@ -54,9 +55,9 @@ class Masking:
 
 
 class MaskedStepBatches:
-    """Training batches of `StepBatches`' rows, corrupted afresh at every step."""
+    """Training batches of a `StepBatcher`'s rows, corrupted afresh at every step."""
 
-    def __init__(self, steps: StepBatches, masking: Masking):
+    def __init__(self, steps: StepBatcher, masking: Masking):
         self.steps, self.masking = steps, masking
 
     def local_batch(
@@ -74,8 +75,8 @@ class MaskedStepBatches:
 def masked_eval_batches(
     rows: PackedRows, batch_size: int, masking: Masking, max_batches: int = 0
 ) -> Iterator[dict[str, np.ndarray]]:
-    """`eval_batches` with fixed corruption: the same masks on every call for the same seed."""
-    for b, batch in enumerate(eval_batches(rows, batch_size, max_batches)):
+    """`ordered_batches` with fixed corruption: the same masks on every call for the same seed."""
+    for b, batch in enumerate(ordered_batches(rows, batch_size, max_batches)):
         keys = [(_EVAL_STREAM, 0, b * batch_size + i) for i in range(batch_size)]
         yield masking.apply(batch, np.array(keys))
 

@@ -16,14 +16,14 @@ is the tokenizer's pad id, else 0 (padding carries no loss and is masked from at
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
-import grain
 import jax
 import numpy as np
 
 from lm.config import DataConfig
+from lm.data.batches import StepBatcher
 from lm.data.sources import load_documents
 from lm.data.tokenizer import (
     PAD_ID,
@@ -52,6 +52,12 @@ class PackedRows:
 
     def __len__(self) -> int:
         return len(self.tokens)
+
+    def describe(self) -> str:
+        return f"packs into {len(self)} rows of {self.seq_len + 1} tokens"
+
+    def take(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+        return make_batch(self, indices)
 
     @property
     def padding_fraction(self) -> float:
@@ -207,57 +213,6 @@ def make_batch(rows: PackedRows, indices: np.ndarray) -> dict[str, np.ndarray]:
     }
 
 
-class StepBatches:
-    """Training batches indexed by step: a new row permutation each epoch, no hidden state."""
-
-    def __init__(self, rows: PackedRows, global_batch: int, seed: int, shuffle: bool = True):
-        if len(rows) < global_batch:
-            raise ValueError(
-                f"The training split packs into {len(rows)} rows of {rows.seq_len + 1} tokens, "
-                f"fewer than one global batch of {global_batch}; lower data.batch_size or "
-                "data.seq_len, or add text."
-            )
-        self.rows, self.global_batch, self.seed = rows, global_batch, seed
-        order = grain.MapDataset.range(len(rows))
-        # Grain's random-access shuffle gives index i of epoch e at e * len + i, permuted anew
-        # for every epoch from the seed alone.
-        self._order = order.seed(seed).shuffle() if shuffle else order
-
-    @property
-    def steps_per_epoch(self) -> int:
-        """Whole global batches per pass over the rows (the remainder rows wait a pass)."""
-        return len(self.rows) // self.global_batch
-
-    def indices(self, step: int) -> np.ndarray:
-        """Row indices of the global batch at `step`."""
-        epoch, within = divmod(step, self.steps_per_epoch)
-        start = epoch * len(self.rows) + within * self.global_batch
-        return np.array([self._order[start + i] for i in range(self.global_batch)], np.int64)
-
-    def local_batch(
-        self, step: int, process_index: int | None = None, process_count: int | None = None
-    ) -> dict[str, np.ndarray]:
-        """This process's contiguous share of the global batch at `step`."""
-        index = jax.process_index() if process_index is None else process_index
-        count = jax.process_count() if process_count is None else process_count
-        if self.global_batch % count:
-            raise ValueError(
-                f"data.batch_size={self.global_batch} must divide evenly over {count} processes."
-            )
-        per = self.global_batch // count
-        return make_batch(self.rows, self.indices(step)[index * per : (index + 1) * per])
-
-
-def eval_batches(
-    rows: PackedRows, batch_size: int, max_batches: int = 0
-) -> Iterator[dict[str, np.ndarray]]:
-    """Rows in order, `batch_size` at a time; the last batch is filled with padding rows."""
-    count = -(-len(rows) // batch_size)
-    for b in range(min(count, max_batches) if max_batches else count):
-        indices = np.arange(b * batch_size, (b + 1) * batch_size)
-        yield make_batch(rows, np.where(indices < len(rows), indices, -1))
-
-
 def to_global(
     local: dict[str, np.ndarray], sharding: jax.sharding.NamedSharding
 ) -> dict[str, jax.Array]:
@@ -270,7 +225,7 @@ class PretrainData:
     """Everything pretraining reads: the tokenizer, train batches, validation rows and stats."""
 
     tokenizer: TextTokenizer
-    train: StepBatches
+    train: StepBatcher
     validation: PackedRows
     token_bytes: np.ndarray
     train_stats: RowStats
@@ -312,7 +267,7 @@ def load_pretrain_data(data: DataConfig, run_dir: str | Path, vocab_size: int) -
     )
     return PretrainData(
         tokenizer=tokenizer,
-        train=StepBatches(train, data.batch_size, data.seed),
+        train=StepBatcher(train, data.batch_size, data.seed),
         validation=validation,
         token_bytes=tokenizer.token_bytes(),
         train_stats=train_stats,

@@ -13,12 +13,12 @@ import logging
 import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import overload
 
 import tensorflow_datasets as tfds
 from tensorflow_datasets.core.utils import tqdm_utils
 
 from lm.data.shakespeare import shakespeare_documents
+from lm.data.tfds_named import TextSplit, tfds_documents
 
 SPLITS = ("train", "validation")
 logger = logging.getLogger(__name__)
@@ -56,29 +56,6 @@ class _TextBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     def _generate_examples(self, docs: list[str]):
         for i, doc in enumerate(docs):
             yield i, {"text": doc}
-
-
-class TextSplit(Sequence[str]):
-    """Random-access documents of one split: feature `key` of a data source, as str."""
-
-    def __init__(self, source: Sequence[dict], key: str = "text"):
-        self._source = source
-        self._key = key
-
-    def __len__(self) -> int:
-        return len(self._source)
-
-    @overload
-    def __getitem__(self, index: int) -> str: ...
-    @overload
-    def __getitem__(self, index: slice) -> list[str]: ...
-    def __getitem__(self, index: int | slice) -> str | list[str]:
-        if isinstance(index, slice):
-            return [self[i] for i in range(*index.indices(len(self)))]
-        if not -len(self) <= index < len(self):
-            raise IndexError(f"document {index} out of range for a split of {len(self)}")
-        text = self._source[index % len(self)][self._key]
-        return text.decode() if isinstance(text, bytes) else text
 
 
 def content_hash(documents: dict[str, list[str]]) -> str:
@@ -243,9 +220,6 @@ def load_documents(
     of 'validation', or 'test' when it has no validation split (see `tfds_documents`).
     """
     if source.startswith("tfds:"):
-        # Imported here: tfds_named reads its splits through TextSplit, defined above.
-        from lm.data.tfds_named import tfds_documents
-
         name = source.removeprefix("tfds:")
         # Keep URLs (gs://...) intact: Path() would collapse their double slash.
         local = "://" not in str(data_dir)

@@ -8,11 +8,8 @@ evaluation batches come in order, padded with zero-weight rows.
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
-import grain
-import jax
 import numpy as np
 from etils import epath
 
@@ -129,44 +126,6 @@ def encode(cfg: Config, tokenizer: TextTokenizer, examples: Examples):
     else:
         return encode_text_to_text(tokenizer, inputs, refs, seq_len, f.template)
     return {**arrays, "example_weights": np.ones(len(inputs), np.float32)}, stats
-
-
-class ExampleBatches:
-    """Training batches indexed by step: a new permutation of the examples each epoch."""
-
-    def __init__(self, arrays: dict[str, np.ndarray], global_batch: int, seed: int):
-        self.arrays, self.global_batch = arrays, global_batch
-        self.count = len(next(iter(arrays.values())))
-        if self.count < global_batch:
-            raise ValueError(
-                f"The training split has {self.count} examples, fewer than one global batch of "
-                f"{global_batch}; lower data.batch_size."
-            )
-        self._order = grain.MapDataset.range(self.count).seed(seed).shuffle()
-
-    def local_batch(self, step: int) -> dict[str, np.ndarray]:
-        """This process's contiguous share of the global batch at `step`."""
-        epoch, within = divmod(step, self.count // self.global_batch)
-        start = epoch * self.count + within * self.global_batch
-        indices = np.array([self._order[start + i] for i in range(self.global_batch)])
-        per = self.global_batch // jax.process_count()
-        mine = indices[jax.process_index() * per : (jax.process_index() + 1) * per]
-        return {k: v[mine] for k, v in self.arrays.items()}
-
-
-def padded_batches(
-    arrays: dict[str, np.ndarray], batch_size: int
-) -> Iterator[dict[str, np.ndarray]]:
-    """The examples in order, `batch_size` at a time; the last batch is padded with zero rows
-    (weight 0, so they score nothing)."""
-    count = len(next(iter(arrays.values())))
-    for start in range(0, count, batch_size):
-        batch = {}
-        for key, value in arrays.items():
-            part = value[start : start + batch_size]
-            pad = np.zeros((batch_size - len(part), *value.shape[1:]), value.dtype)
-            batch[key] = np.concatenate([part, pad])
-        yield batch
 
 
 def finetune_tokenizer(

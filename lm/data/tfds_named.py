@@ -11,16 +11,38 @@ import difflib
 import importlib
 from collections.abc import Sequence
 from pathlib import Path
+from typing import overload
 
 import tensorflow_datasets as tfds
 from tensorflow_datasets.core import file_adapters
 from tensorflow_datasets.core.registered import DatasetNotFoundError
 
-from lm.data.sources import TextSplit
-
 _TFDS_ROOT = Path(tfds.__file__).parent
 # Packages of tensorflow_datasets that hold library code, not dataset modules.
 _NOT_DATASETS = {"core", "proto", "scripts", "testing"}
+
+
+class TextSplit(Sequence[str]):
+    """Random-access documents of one split: feature `key` of a data source, as str."""
+
+    def __init__(self, source: Sequence[dict], key: str = "text"):
+        self._source = source
+        self._key = key
+
+    def __len__(self) -> int:
+        return len(self._source)
+
+    @overload
+    def __getitem__(self, index: int) -> str: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[str]: ...
+    def __getitem__(self, index: int | slice) -> str | list[str]:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"document {index} out of range for a split of {len(self)}")
+        text = self._source[index % len(self)][self._key]
+        return text.decode() if isinstance(text, bytes) else text
 
 
 def _legacy_modules() -> dict[str, str]:

@@ -24,6 +24,8 @@ import numpy as np
 import sentencepiece as spm
 from etils import epath
 
+from lm.data.hf_tokenizer import HfTokenizer
+
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 MASK_ID, SEP_ID, CLS_ID = 4, 5, 6
 USER_SYMBOLS = ("<mask>", "<sep>", "<cls>", "\n")
@@ -135,8 +137,6 @@ def load_tokenizer(path: str | os.PathLike) -> TextTokenizer:
             "run directory."
         )
     if path.suffix == ".json":
-        from lm.data.hf_tokenizer import HfTokenizer
-
         return HfTokenizer(path)
     return Tokenizer(path)
 

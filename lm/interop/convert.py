@@ -2,7 +2,7 @@
 
 from-hf reads `config.json`, maps it to a `Config`, and streams the weights tensor by tensor
 straight onto their shardings (an FSDP mesh over all devices by default) before writing a
-params-only checkpoint with `lm.runs.write_params_run`. to-hf loads a run's parameters and
+params-only checkpoint with `lm.run_dir.write_params_run`. to-hf loads a run's parameters and
 streams them out one tensor at a time as `model.safetensors` + `config.json`, loadable by
 `transformers` `from_pretrained`.
 """
@@ -21,11 +21,14 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from lm.config import Config, ConfigError, DataConfig, MeshConfig, ModelConfig, from_dict
+from lm.data.hf_tokenizer import wordpiece_tokenizer_json
 from lm.interop import bert, gpt2, llama
 from lm.interop.mapping import Tensors, hf_tensors, load_params
 from lm.interop.safetensors_io import SINGLE_FILE, SafetensorsReader, write_safetensors
+from lm.model.build import build_model
 from lm.model.transformer import abstract_split
-from lm.parallel import make_mesh
+from lm.run_dir import load_run, read_run_config, write_params_run
+from lm.runtime.mesh import make_mesh
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +117,6 @@ def import_hf(
 ) -> tuple[Config, nnx.GraphDef, nnx.State]:
     """(config, graphdef, params) of the HF model directory `src`, params sharded on `mesh`
     (default: FSDP over all devices); tensors are read and placed one at a time."""
-    from lm.runs import build_model
 
     src = Path(src)
     hf = read_hf_config(src)
@@ -145,8 +147,6 @@ def from_hf(
     src: str | Path, dst: str | Path, *, mesh: Mesh | None = None, overrides: Sequence[str] = ()
 ) -> Config:
     """Convert the HF model directory `src` into the run directory `dst`; returns its config."""
-    from lm.runs import write_params_run
-
     src, dst = Path(src), Path(dst)
     cfg, _, params = import_hf(src, mesh, overrides)
     arch = architecture(read_hf_config(src))
@@ -158,7 +158,6 @@ def from_hf(
 def copy_tokenizer(src: Path, dst: Path) -> None:
     """Copy `src`'s tokenizer into `dst`: tokenizer.model (SentencePiece), else tokenizer.json
     with its special_tokens_map.json, else a tokenizer.json built from a WordPiece vocab.txt."""
-    from lm.data.hf_tokenizer import wordpiece_tokenizer_json
 
     for name in ("tokenizer.model", "tokenizer.json", "special_tokens_map.json"):
         if (src / name).is_file():
@@ -212,7 +211,6 @@ def export_config(cfg: Config) -> tuple[Architecture, dict]:
 
 def to_hf(run_dir: str | Path, dst: str | Path, *, mesh: Mesh | None = None) -> str:
     """Write run `run_dir`'s newest parameters as a HF model directory `dst`; returns its class."""
-    from lm.runs import load_run, read_run_config
 
     cfg = read_run_config(run_dir)
     arch, hf = export_config(cfg)

@@ -17,7 +17,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from lm.interop.safetensors_io import SafetensorsReader
-from lm.parallel import state_shardings
+from lm.runtime.mesh import state_shardings
 
 Transform = Callable[..., tuple[np.ndarray, ...]]
 

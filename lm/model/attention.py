@@ -15,7 +15,7 @@ from flax import nnx
 from lm.config import ModelConfig
 from lm.model.kv_cache import KVCache
 from lm.model.linear import dense
-from lm.parallel import constrain
+from lm.runtime.mesh import constrain
 
 _NEG_INF = -1e30  # large finite negative: exp() underflows to 0 without producing NaN rows
 

@@ -15,7 +15,7 @@ from flax import nnx
 from lm.config import Config, ModelConfig
 from lm.model.linear import dense
 from lm.model.transformer import Norm, Transformer, dropout
-from lm.parallel import constrain
+from lm.runtime.mesh import constrain
 
 
 class MlmHead(nnx.Module):

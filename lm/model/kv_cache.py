@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from lm.config import ModelConfig
-from lm.parallel import constrain
+from lm.runtime.mesh import constrain
 
 # A layer's batch axis follows the activations' batch sharding, its kv-head axis the heads'.
 LAYER_AXES = ("act_batch", "act_heads", "act_length", None)

@@ -13,7 +13,7 @@ from lm.config import ModelConfig
 from lm.model.attention import Attention
 from lm.model.kv_cache import KVCache, decode_mask
 from lm.model.linear import dense
-from lm.parallel import constrain
+from lm.runtime.mesh import constrain
 
 _REMAT_POLICIES: dict[str, Any] = {
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -129,7 +129,7 @@ def abstract_split(make: Callable[[], nnx.Module]) -> tuple[nnx.GraphDef, nnx.St
     """(graphdef, state of ShapeDtypeStructs) of the module `make()` builds, computing nothing.
 
     Unlike `nnx.eval_shape`, this never resolves logical axis names against an active mesh:
-    shardings are derived later, in one place (`lm.parallel`).
+    shardings are derived later, in one place (`lm.runtime.mesh`).
     """
     box = {}
 

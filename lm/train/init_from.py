@@ -10,7 +10,7 @@ import jax
 from flax import nnx
 
 from lm.config import Config, ConfigError, ModelConfig, build_config, load_config
-from lm.runs import read_run_config
+from lm.run_dir import read_run_config
 
 # Model keys that change how a checkpoint's parameters are used, not what they are: a fine-tune
 # may set them freely; every other model key must be the checkpoint's.

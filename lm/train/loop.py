@@ -16,7 +16,7 @@ import jax
 import numpy as np
 
 from lm.config import Config
-from lm.flops import train_flops_per_token
+from lm.runtime.flops import train_flops_per_token
 from lm.train.checkpoint import Checkpointer
 from lm.train.metrics import MetricsWriter
 

@@ -37,10 +37,15 @@ def token_losses(logits_BxLxV: jax.Array, targets_BxL: jax.Array, z_loss: float 
 
 
 @dataclass(frozen=True)
-class CausalLM:
-    """Next-token prediction; `weights` is 0 at padding and across packed-document boundaries.
+class TokenCrossEntropy:
+    """Language modelling: weighted cross-entropy of each row's `targets` under the model.
 
-    Optional z-loss (PaLM) keeps the softmax normaliser near 1 for stable low-precision training.
+    Causal LM (next-token prediction): `targets` are `inputs` shifted by one and `weights` is 0
+    at padding and across packed-document boundaries. Masked LM (BERT, `lm.data.mlm`): `inputs`
+    hold the corrupted tokens, `targets` the originals at the same positions, and `weights` is 1
+    exactly at the positions chosen for prediction. Which one it is depends only on the batch
+    and on the model's attention mask, never on the objective. Optional z-loss (PaLM) keeps the
+    softmax normaliser near 1 for stable low-precision training.
     """
 
     z_loss: float = 0.0
@@ -59,16 +64,6 @@ class CausalLM:
             correct_BxL = logits_BxLxV.argmax(-1) == batch["targets"]
             metrics["correct_sum"] = row_sum(correct_BxL * w_BxL)
         return jnp.sum((nll_BxL + z_BxL) * w_BxL), metrics
-
-
-@dataclass(frozen=True)
-class MaskedLMObjective(CausalLM):
-    """Masked-token prediction (BERT) for an encoder: the same weighted cross-entropy, other rows.
-
-    MLM batches (`lm.data.mlm`) hold the corrupted tokens as `inputs`, the original tokens at
-    the same positions (no shift) as `targets`, and `weights` = 1 exactly at the positions
-    chosen for prediction, so loss and accuracy count masked tokens only.
-    """
 
 
 def class_losses(logits_NxC: jax.Array, labels_N: jax.Array, smoothing: float = 0.0):

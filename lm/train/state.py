@@ -13,7 +13,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from lm.model.transformer import abstract_split
-from lm.parallel import replicated, state_shardings
+from lm.runtime.mesh import replicated, state_shardings
 
 
 @flax.struct.dataclass

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from lm.parallel import constrain
+from lm.runtime.mesh import constrain
 from lm.train.objectives import Batch
 from lm.train.state import TrainState
 

@@ -5,7 +5,12 @@ from __future__ import annotations
 import numpy as np
 
 from lm.config import Config, ConfigError
-from lm.train.objectives import CausalLM, Regression, SequenceClassification, TokenClassification
+from lm.train.objectives import (
+    Regression,
+    SequenceClassification,
+    TokenClassification,
+    TokenCrossEntropy,
+)
 
 
 def class_weights(cfg: Config, train: dict[str, np.ndarray]) -> tuple[float, ...]:
@@ -42,4 +47,4 @@ def make_objective(cfg: Config, train: dict[str, np.ndarray]):
         target_NxT = train["target"]
         std_T = np.maximum(target_NxT.std(0), 1e-6)
         return Regression(tuple(map(float, target_NxT.mean(0))), tuple(map(float, std_T)))
-    return CausalLM()
+    return TokenCrossEntropy()

@@ -1,7 +1,7 @@
 """`lm plan`: estimate memory per device for a config on a mesh, before renting the hardware.
 
 Parameters, AdamW moments and gradients are exact: their shapes come from the model the
-config builds (`jax.eval_shape`, nothing allocated) and each is split the way `lm.parallel`'s
+config builds (`jax.eval_shape`, nothing allocated) and each is split the way `lm.runtime.mesh`'s
 rules shard it on the given mesh, so replicated dimensions count in full. Activations are an
 estimate of what the backward pass keeps, per micro-batch on one device:
 
@@ -30,8 +30,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lm.config import Config, ConfigError, mesh_shape
+from lm.model.build import build_model
 from lm.model.transformer import abstract_split
-from lm.parallel import MESH_AXES, logical_to_spec
+from lm.runtime.mesh import MESH_AXES, logical_to_spec
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,7 +86,6 @@ def _activation_bytes(cfg: Config, mesh: dict[str, int], remat: bool) -> tuple[i
 
 def plan_memory(cfg: Config, devices: int) -> MemoryPlan:
     """Memory per device of training `cfg` on `devices` devices (mesh from `cfg.mesh`)."""
-    from lm.runs import build_model  # the model the config trains; imported late (heavy)
 
     sizes = dict(zip(MESH_AXES, mesh_shape(cfg.mesh, devices), strict=True))
     micro = cfg.data.batch_size // cfg.optim.grad_accum

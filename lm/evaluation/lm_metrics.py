@@ -13,15 +13,9 @@ from collections.abc import Callable, Iterable
 import jax
 import numpy as np
 
+from lm.data.batches import local_rows
 from lm.data.pipeline import to_global
 from lm.train.objectives import Batch
-
-
-def local_rows(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """This process's contiguous slice of a global host batch."""
-    count, index = jax.process_count(), jax.process_index()
-    rows = len(next(iter(batch.values()))) // count
-    return {k: v[index * rows : (index + 1) * rows] for k, v in batch.items()}
 
 
 def evaluate_lm(

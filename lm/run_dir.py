@@ -22,27 +22,12 @@ from jax.sharding import Mesh
 
 from lm.config import Config, MeshConfig, from_dict, to_dict
 from lm.data.tokenizer import TextTokenizer, load_tokenizer, run_tokenizer_file
-from lm.model import Transformer
-from lm.model.heads import MaskedLM, task_model
-from lm.model.lora import LoraModel, merge_lora
+from lm.model.build import build_model
+from lm.model.lora import merge_lora
 from lm.model.transformer import abstract_split
-from lm.parallel import make_mesh, state_shardings
+from lm.runtime.mesh import make_mesh, state_shardings
 from lm.train.checkpoint import absolute
 from lm.train.state import TrainState, abstract_with_shardings
-
-
-def build_model(cfg: Config, rngs: nnx.Rngs) -> nnx.Module:
-    """The module that `cfg` trains: the causal-LM Transformer by default."""
-    if cfg.finetune.task:
-        model = task_model(cfg, rngs)
-        if cfg.finetune.lora_rank:
-            targets = [t.strip() for t in cfg.finetune.lora_targets.split(",")]
-            rank, alpha = cfg.finetune.lora_rank, cfg.finetune.lora_alpha
-            model = LoraModel(model, rank, alpha, targets, rngs=rngs)
-        return model
-    if cfg.train.objective == "mlm":
-        return MaskedLM(cfg.model, rngs=rngs)
-    return Transformer(cfg.model, rngs=rngs)
 
 
 @dataclass

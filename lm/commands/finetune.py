@@ -17,14 +17,15 @@ from etils import epath
 from flax import nnx
 
 from lm.config import Config, ConfigError, validate
+from lm.data.batches import ArrayTable, StepBatcher
 from lm.data.pipeline import to_global
-from lm.data.task_data import ExampleBatches, encode, finetune_tokenizer, stats_line, task_examples
-from lm.evaluate_tasks import AnswerScorer, evaluate_task
-from lm.flops import peak_flops
+from lm.data.task_data import encode, finetune_tokenizer, stats_line, task_examples
+from lm.evaluation.tasks import AnswerScorer, evaluate_task
+from lm.model.build import build_model
 from lm.model.lora import LoraModel, merge_lora
-from lm.parallel import batch_sharding, make_mesh
-from lm.pretrain import check_batch_fits_mesh
-from lm.runs import build_model, export_merged, load_run, write_run_files
+from lm.run_dir import export_merged, load_run, write_run_files
+from lm.runtime.flops import peak_flops
+from lm.runtime.mesh import batch_sharding, check_batch_fits_mesh, make_mesh
 from lm.train.checkpoint import BestCheckpoint, Checkpointer, checkpoint_meta
 from lm.train.freeze import finetune_optimizer, gate_frozen
 from lm.train.init_from import backbone_prefix, copy_backbone
@@ -94,7 +95,7 @@ def finetune(cfg: Config) -> dict[str, float]:
         )
         eval_step = make_eval_step(graphdef, objective)
         rows_sharding = batch_sharding(mesh)
-        batches = ExampleBatches(train, cfg.data.batch_size, cfg.data.seed)
+        batches = StepBatcher(ArrayTable(train), cfg.data.batch_size, cfg.data.seed)
         answer_scores = AnswerScorer(cfg, tokenizer, mesh)
 
         def batch_at(step: int):

@@ -3,10 +3,11 @@
 The prompt batch is left-padded to a bucketed length (a power of two), run through the model
 once to fill a preallocated KV cache (`lm.model.kv_cache`), and each new token costs one jitted
 step that attends to that cache. Shapes depend only on (batch, prompt bucket, cache bucket), so a
-session of prompts of varying length compiles a handful of times. Sampling (`lm.sampling`:
-temperature, top-k, top-p, min-p, repetition penalty) and beam search (`lm.beam_search`) run on
-device; stop strings and streaming run on the host one step behind the device, so the next step
-is already queued while a token is printed. BOS, EOS and padding ids come from the tokenizer.
+session of prompts of varying length compiles a handful of times. Sampling
+(`lm.inference.sampling`: temperature, top-k, top-p, min-p, repetition penalty) and beam search
+(`lm.inference.beam_search`) run on device; stop strings and streaming run on the host one step
+behind the device, so the next step is already queued while a token is printed. BOS, EOS and
+padding ids come from the tokenizer.
 """
 
 from __future__ import annotations
@@ -14,10 +15,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import json
 import math
-import sys
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -27,10 +25,12 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from lm.beam_search import BeamOptions, BeamSearch, beam_step
 from lm.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, TextTokenizer, pad_id
+from lm.inference.beam_search import BeamOptions, BeamSearch, beam_step
+from lm.inference.decode_state import DecodeState
+from lm.inference.sampling import Sampling, choose_tokens, token_logprobs
 from lm.model.kv_cache import KVCache
-from lm.sampling import Sampling, choose_tokens, token_logprobs
+from lm.run_dir import load_run
 
 _MIN_BUCKET = 16
 
@@ -45,20 +45,6 @@ class Completion:
     tokens: list[int]
     logprobs: list[float]
     finish_reason: str  # "eos" | "stop" | "length"
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class DecodeState:
-    """Everything one decode step reads and replaces (donated between steps)."""
-
-    cache: KVCache
-    logits_BxV: jax.Array  # next-token logits of every row
-    seen_BxV: jax.Array  # tokens in the prompt or generated so far (repetition penalty)
-    pads_B: jax.Array
-    slot: jax.Array  # cache slot the next token goes to
-    done_B: jax.Array  # row produced EOS
-    key: jax.Array
 
 
 def bucket(n: int, minimum: int = _MIN_BUCKET) -> int:
@@ -133,8 +119,6 @@ class Generator:
         cls, run_dir: str | Path, *, step: int | None = None, mesh: Mesh | None = None
     ) -> Generator:
         """A generator for the params of checkpoint `step` (default newest) of `run_dir`."""
-        from lm.runs import load_run
-
         run = load_run(run_dir, step=step, mesh=mesh)
         return cls(run.model, run.tokenizer, mesh=run.mesh)
 
@@ -499,47 +483,3 @@ def sample_text(
         seed=seed,
     )
     return prompt + completion.text
-
-
-def read_prompts(prompts: Sequence[str], prompts_file: str | None) -> list[str]:
-    """Prompts from the command line, then one per non-blank line of `prompts_file`."""
-    collected = list(prompts)
-    if prompts_file:
-        path = Path(prompts_file)
-        if not path.is_file():
-            raise FileNotFoundError(f"Prompts file {path} does not exist; pass a text file.")
-        collected += [line for line in path.read_text().splitlines() if line.strip()]
-    if not collected:
-        raise ValueError("No prompts given; pass --prompt TEXT or --prompts-file FILE.")
-    return collected
-
-
-def print_generations(
-    generator: Generator, prompts: list[str], *, as_json: bool, batch_size: int, **options
-) -> None:
-    """Stream each prompt's continuation to stdout (timing on stderr), or with `as_json` print
-    one JSON object per prompt (text, tokens, log-probs, finish reason, timing), in batches."""
-    if not as_json:
-        for prompt in prompts:
-            print(prompt, end="", flush=True)
-            start = time.perf_counter()
-            [done] = generator.generate(
-                [prompt], on_token=lambda _, text: print(text, end="", flush=True), **options
-            )
-            seconds = time.perf_counter() - start
-            print(flush=True)
-            print(
-                f"[{len(done.tokens)} tokens in {seconds:.2f} s, {done.finish_reason}]",
-                file=sys.stderr,
-            )
-        return
-    for first in range(0, len(prompts), batch_size):
-        batch = prompts[first : first + batch_size]
-        start = time.perf_counter()
-        completions = generator.generate(batch, **options)
-        seconds = time.perf_counter() - start
-        new_tokens = sum(len(c.tokens) for c in completions)
-        for prompt, done in zip(batch, completions, strict=True):
-            record = {"prompt": prompt, **dataclasses.asdict(done)}
-            record |= {"seconds": seconds, "batch_tokens_per_s": new_tokens / seconds}
-            print(json.dumps(record), flush=True)

@@ -14,11 +14,10 @@ import jax
 import numpy as np
 
 from lm.config import Config, validate
-from lm.flops import peak_flops, train_flops_per_token
-from lm.parallel import batch_sharding, make_mesh
-from lm.pretrain import check_batch_fits_mesh
-from lm.runs import build_model
-from lm.train.objectives import CausalLM
+from lm.model.build import build_model
+from lm.runtime.flops import peak_flops, train_flops_per_token
+from lm.runtime.mesh import batch_sharding, check_batch_fits_mesh, make_mesh
+from lm.train.objectives import TokenCrossEntropy
 from lm.train.optim import make_optimizer
 from lm.train.state import create_train_state
 from lm.train.step import make_train_step
@@ -49,7 +48,7 @@ def bench(cfg: Config, steps: int = 10, warmup: int = 2) -> dict:
             lambda rngs: build_model(cfg, rngs), tx, mesh, cfg.train.seed
         )
         step = make_train_step(
-            graphdef, tx, CausalLM(cfg.train.z_loss), shardings, cfg.optim.grad_accum
+            graphdef, tx, TokenCrossEntropy(cfg.train.z_loss), shardings, cfg.optim.grad_accum
         )
         batch = jax.device_put(synthetic_batch(cfg), batch_sharding(mesh))
         compile_start = time.perf_counter()

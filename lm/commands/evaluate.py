@@ -21,15 +21,16 @@ from etils import epath
 from tqdm import tqdm
 
 from lm.config import Config, ConfigError, load_config, to_dict, validate
+from lm.data.batches import ordered_batches
 from lm.data.mlm import masked_eval_batches, masking_for, pseudo_perplexity_batches
-from lm.data.pipeline import eval_batches, rows_for, tokenize_documents
+from lm.data.pipeline import rows_for, tokenize_documents
 from lm.data.sources import load_documents
 from lm.data.tokenizer import pad_id
-from lm.distributed import initialize, process_zero_first
-from lm.evaluate import evaluate_lm
-from lm.parallel import batch_sharding, make_mesh
-from lm.runs import load_run, read_run_config
-from lm.train.objectives import CausalLM, MaskedLMObjective
+from lm.evaluation.lm_metrics import evaluate_lm
+from lm.run_dir import load_run, read_run_config
+from lm.runtime.distributed import initialize, process_zero_first
+from lm.runtime.mesh import batch_sharding, make_mesh
+from lm.train.objectives import TokenCrossEntropy
 from lm.train.step import make_eval_step
 
 
@@ -134,7 +135,7 @@ def evaluate_run(
     token_bytes = run.tokenizer.token_bytes()
 
     with jax.set_mesh(mesh):
-        eval_step = make_eval_step(run.graphdef, MaskedLMObjective() if mlm else CausalLM())
+        eval_step = make_eval_step(run.graphdef, TokenCrossEntropy())
 
         def score(batches: Iterable, total: int, label: str, bytes_V) -> dict[str, float]:
             batches = _progress(batches, total, label)
@@ -149,7 +150,7 @@ def evaluate_run(
                 pseudo = score(batches, total, "pseudo-perplexity", token_bytes)
                 metrics |= {f"pseudo_{k}": v for k, v in pseudo.items()}
         else:
-            batches = eval_batches(rows, batch_size, max_batches)
+            batches = ordered_batches(rows, batch_size, max_batches)
             metrics = score(batches, count, "evaluate", token_bytes)
 
     report = {

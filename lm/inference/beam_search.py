@@ -2,23 +2,21 @@
 state: N running beams per prompt are extended, the best candidates that end join the N best
 finished hypotheses, and a prompt closes once no running beam can improve them.
 
-`lm.generate.Generator.beam_search` drives it; the model call is passed in (`forward_one`).
+`Generator.beam_search` (lm/inference/generator.py) drives it; the model call is passed in
+(`forward_one`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
 
-from lm.sampling import penalize_repeats
-
-if TYPE_CHECKING:
-    from lm.generate import DecodeState
-    from lm.model.kv_cache import KVCache
+from lm.inference.decode_state import DecodeState
+from lm.inference.sampling import penalize_repeats
+from lm.model.kv_cache import KVCache
 
 
 @jax.tree_util.register_dataclass

@@ -13,33 +13,23 @@ import jax
 from etils import epath
 
 from lm.config import Config, ConfigError, validate
+from lm.data.batches import ordered_batches
 from lm.data.mlm import MaskedStepBatches, masked_eval_batches, masking_for
-from lm.data.pipeline import eval_batches, load_pretrain_data, to_global
-from lm.distributed import initialize, process_zero_first
-from lm.evaluate import evaluate_lm
-from lm.flops import peak_flops
-from lm.generate import sample_text
-from lm.parallel import batch_sharding, make_mesh
-from lm.runs import build_model, write_run_files
+from lm.data.pipeline import load_pretrain_data, to_global
+from lm.evaluation.lm_metrics import evaluate_lm
+from lm.inference.generator import sample_text
+from lm.model.build import build_model
+from lm.run_dir import write_run_files
+from lm.runtime.distributed import initialize, process_zero_first
+from lm.runtime.flops import peak_flops
+from lm.runtime.mesh import batch_sharding, check_batch_fits_mesh, make_mesh
 from lm.train.checkpoint import Checkpointer, checkpoint_meta
 from lm.train.loop import LoopSettings, run_loop
 from lm.train.metrics import MetricsWriter
-from lm.train.objectives import CausalLM, MaskedLMObjective
+from lm.train.objectives import TokenCrossEntropy
 from lm.train.optim import make_optimizer
 from lm.train.state import plan_train_state
 from lm.train.step import make_eval_step, make_train_step
-
-
-def check_batch_fits_mesh(cfg: Config, mesh: jax.sharding.Mesh) -> None:
-    """Every micro-batch must split evenly over the batch-sharded mesh axes."""
-    shards = mesh.shape["data"] * mesh.shape["fsdp"]
-    micro = cfg.data.batch_size // cfg.optim.grad_accum
-    if micro % shards:
-        raise ConfigError(
-            f"data.batch_size / optim.grad_accum = {micro} rows cannot split over "
-            f"data*fsdp = {shards} devices; make data.batch_size a multiple of "
-            f"{shards * cfg.optim.grad_accum}."
-        )
 
 
 def check_objective_fits_model(cfg: Config) -> None:
@@ -88,7 +78,7 @@ def pretrain(cfg: Config) -> dict[str, float]:
             state = init()
 
         mlm = cfg.train.objective == "mlm"
-        objective = (MaskedLMObjective if mlm else CausalLM)(z_loss=cfg.train.z_loss)
+        objective = TokenCrossEntropy(z_loss=cfg.train.z_loss)
         masking = masking_for(cfg.data, cfg.model.vocab_size, data.tokenizer) if mlm else None
         train_batches = MaskedStepBatches(data.train, masking) if mlm else data.train
         dropout_seed = cfg.train.seed + 1 if cfg.model.dropout > 0 else None
@@ -107,7 +97,7 @@ def pretrain(cfg: Config) -> dict[str, float]:
                     data.validation, cfg.data.batch_size, masking, max_batches
                 )
                 return evaluate_lm(eval_step, current.params, batches, None, rows_sharding)
-            batches = eval_batches(data.validation, cfg.data.batch_size, max_batches)
+            batches = ordered_batches(data.validation, cfg.data.batch_size, max_batches)
             return evaluate_lm(eval_step, current.params, batches, data.token_bytes, rows_sharding)
 
         meta_at = functools.partial(checkpoint_meta, cfg)

@@ -9,13 +9,14 @@ import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from lm import task_metrics
 from lm.config import Config
+from lm.data.batches import ArrayTable, local_rows, ordered_batches
 from lm.data.pipeline import to_global
-from lm.data.task_data import Examples, padded_batches
+from lm.data.task_data import Examples
 from lm.data.tasks import frame_ids
 from lm.data.tokenizer import TextTokenizer
-from lm.evaluate import local_rows
+from lm.evaluation import task_metrics
+from lm.inference.generator import Generator
 
 
 def _gather(x: jax.Array) -> np.ndarray:
@@ -39,7 +40,7 @@ def evaluate_task(
         arrays = {k: v[:count] for k, v in arrays.items()}
     nll = weight = 0.0
     predictions = []
-    for batch in padded_batches(arrays, cfg.data.batch_size):
+    for batch in ordered_batches(ArrayTable(arrays), cfg.data.batch_size):
         out = eval_step(params, to_global(local_rows(batch), sharding))
         nll += float(out["nll_sum"])  # scalars come back replicated on every device
         weight += float(out["weight_sum"])
@@ -86,8 +87,6 @@ class AnswerScorer:
         self.generator = None
 
     def __call__(self, model: nnx.Module, examples: Examples) -> dict[str, float]:
-        from lm.generate import Generator
-
         f = self.cfg.finetune
         if self.generator is None:
             max_len = min(self.cfg.data.seq_len + f.max_new_tokens, self.cfg.model.max_seq_len)

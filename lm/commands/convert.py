@@ -1,0 +1,22 @@
+"""`lm convert from-hf | to-hf`: Hugging Face GPT-2 / Llama / BERT directories <-> run dirs."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from lm import interop
+
+
+def from_hf(src: str, dst: str, overrides: Sequence[str] = ()) -> str:
+    """Import `src` into the run directory `dst`; returns a one-line summary."""
+    cfg = interop.from_hf(src, dst, overrides=overrides)
+    m = cfg.model
+    return (
+        f"{dst}: imported {src} (d_model={m.d_model}, layers={m.num_layers}, "
+        f"vocab={m.vocab_size}, objective={cfg.train.objective})"
+    )
+
+
+def to_hf(run_dir: str, dst: str) -> str:
+    """Export the newest checkpoint of `run_dir` to `dst`; returns a one-line summary."""
+    return f"{dst}: wrote {interop.to_hf(run_dir, dst)} (config.json, model.safetensors)"

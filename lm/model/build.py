@@ -1,0 +1,24 @@
+"""Which module a config trains: the causal Transformer, the masked LM, or a task model."""
+
+from __future__ import annotations
+
+from flax import nnx
+
+from lm.config import Config
+from lm.model.heads import MaskedLM, task_model
+from lm.model.lora import LoraModel
+from lm.model.transformer import Transformer
+
+
+def build_model(cfg: Config, rngs: nnx.Rngs) -> nnx.Module:
+    """The module that `cfg` trains: the causal-LM Transformer by default."""
+    if cfg.finetune.task:
+        model = task_model(cfg, rngs)
+        if cfg.finetune.lora_rank:
+            targets = [t.strip() for t in cfg.finetune.lora_targets.split(",")]
+            rank, alpha = cfg.finetune.lora_rank, cfg.finetune.lora_alpha
+            model = LoraModel(model, rank, alpha, targets, rngs=rngs)
+        return model
+    if cfg.train.objective == "mlm":
+        return MaskedLM(cfg.model, rngs=rngs)
+    return Transformer(cfg.model, rngs=rngs)
