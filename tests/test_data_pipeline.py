@@ -313,7 +313,7 @@ def test_load_pretrain_data_windows_both_splits_and_reports_stats(tmp_path):
     )
     data = load_pretrain_data(config, tmp_path / "run", vocab_size=280)
     for rows, stats in (
-        (data.train.rows, data.train_stats),
+        (data.train.table, data.train_stats),
         (data.validation, data.validation_stats),
     ):
         assert rows.scored is not None and stats.rows == len(rows) > 0

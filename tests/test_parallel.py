@@ -12,7 +12,7 @@ from lm.model import Transformer
 from lm.runtime.mesh import batch_sharding, logical_to_spec, make_mesh
 from lm.train.objectives import TokenCrossEntropy
 from lm.train.optim import make_optimizer
-from lm.train.state import create_train_state
+from lm.train.state import plan_train_state
 from lm.train.step import make_train_step
 
 MESHES = [(2, 2, 2), (1, 8, 1), (8, 1, 1), (1, 2, 4)]
@@ -25,9 +25,10 @@ def loss_and_grads(mesh_shape, cfg):
     tx = make_optimizer(OptimConfig(), 10)
     batch = random_batch()
     with jax.set_mesh(mesh):
-        graphdef, state, shardings = create_train_state(
+        graphdef, _, shardings, init = plan_train_state(
             lambda rngs: Transformer(cfg, rngs=rngs), tx, mesh, seed=0
         )
+        state = init()
         objective = TokenCrossEntropy()
 
         @jax.jit

@@ -15,7 +15,7 @@ from lm.config import Config, DataConfig, MeshConfig, load_config
 from lm.model.build import build_model
 from lm.runtime.mesh import make_mesh
 from lm.train.optim import make_optimizer
-from lm.train.state import create_train_state
+from lm.train.state import plan_train_state
 
 
 def tiny_config(**mesh) -> Config:
@@ -40,9 +40,10 @@ def per_device_bytes(tree) -> int:
 def test_planned_params_and_optimizer_bytes_match_a_real_sharded_state(mesh):
     cfg = tiny_config(**mesh)
     tx = make_optimizer(cfg.optim, 10)
-    _, state, _ = create_train_state(
+    _, _, _, init = plan_train_state(
         lambda rngs: build_model(cfg, rngs), tx, make_mesh(cfg.mesh), seed=0
     )
+    state = init()
     plan = plan_memory(cfg, 8)
     assert plan.params == per_device_bytes(state.params)
     # AdamW's two moments; the real state also holds a few scalar counters.

@@ -16,7 +16,7 @@ from lm.train.loop import LoopSettings, TrainingDiverged, run_loop
 from lm.train.metrics import MetricsWriter
 from lm.train.objectives import TokenCrossEntropy, token_losses
 from lm.train.optim import decay_mask, learning_rate, make_optimizer
-from lm.train.state import create_train_state
+from lm.train.state import plan_train_state
 from lm.train.step import make_train_step
 
 
@@ -26,9 +26,10 @@ def one_step(grad_accum, mesh_shape=(2, 2, 2)):
     # near zero turn float-rounding differences into whole learning-rate steps.
     tx = make_optimizer(OptimConfig(lr=1e-2, warmup_steps=0, eps=1e-3), 10)
     with jax.set_mesh(mesh):
-        graphdef, state, shardings = create_train_state(
+        graphdef, _, shardings, init = plan_train_state(
             lambda rngs: Transformer(tiny_model(), rngs=rngs), tx, mesh, 0
         )
+        state = init()
         step = make_train_step(graphdef, tx, TokenCrossEntropy(), shardings, grad_accum=grad_accum)
         state, metrics = step(state, jax.device_put(random_batch(seed=3), batch_sharding(mesh)))
     return jax.tree.map(np.asarray, state.params), jax.device_get(metrics)

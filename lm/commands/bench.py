@@ -13,14 +13,12 @@ import time
 import jax
 import numpy as np
 
-from lm.config import Config, validate
-from lm.model.build import build_model
+from lm.config import Config
 from lm.runtime.flops import peak_flops, train_flops_per_token
-from lm.runtime.mesh import batch_sharding, check_batch_fits_mesh, make_mesh
+from lm.runtime.mesh import batch_sharding
 from lm.train.objectives import TokenCrossEntropy
 from lm.train.optim import make_optimizer
-from lm.train.state import create_train_state
-from lm.train.step import make_train_step
+from lm.train.session import run_mesh, start_session
 
 
 def synthetic_batch(cfg: Config, seed: int = 0) -> dict[str, np.ndarray]:
@@ -38,18 +36,12 @@ def synthetic_batch(cfg: Config, seed: int = 0) -> dict[str, np.ndarray]:
 
 def bench(cfg: Config, steps: int = 10, warmup: int = 2) -> dict:
     """Time `steps` train steps after `warmup`; prints and returns tokens/s and MFU."""
-    validate(cfg, jax.device_count())
-    mesh = make_mesh(cfg.mesh)
-    check_batch_fits_mesh(cfg, mesh)
+    mesh = run_mesh(cfg)
     peak = peak_flops(jax.devices())
     tx = make_optimizer(cfg.optim, max(cfg.train.steps, steps + warmup))
     with jax.set_mesh(mesh):
-        graphdef, state, shardings = create_train_state(
-            lambda rngs: build_model(cfg, rngs), tx, mesh, cfg.train.seed
-        )
-        step = make_train_step(
-            graphdef, tx, TokenCrossEntropy(cfg.train.z_loss), shardings, cfg.optim.grad_accum
-        )
+        session = start_session(cfg, mesh, tx)
+        step, state = session.train_step(TokenCrossEntropy(cfg.train.z_loss)), session.state
         batch = jax.device_put(synthetic_batch(cfg), batch_sharding(mesh))
         compile_start = time.perf_counter()
         for _ in range(warmup):

@@ -12,9 +12,9 @@ import io
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, overload
+from typing import Any
 
-from lm.data.sources import build_text_dataset, hold_out, read_utf8
+from lm.data.sources import hold_out, read_utf8
 
 EXTENSIONS = (".jsonl", ".csv")
 
@@ -117,33 +117,3 @@ def require_columns(records: Sequence[dict[str, Any]], columns: Sequence[str], s
         for column in columns:
             if column not in record:
                 raise ValueError(f"Record {index} of {source} has no column '{column}'.")
-
-
-class RecordSplit(Sequence[dict[str, Any]]):
-    """Random-access records of one split, decoded from their stored JSON on each access."""
-
-    def __init__(self, texts: Sequence[str]):
-        self._texts = texts
-
-    def __len__(self) -> int:
-        return len(self._texts)
-
-    @overload
-    def __getitem__(self, index: int) -> dict[str, Any]: ...
-    @overload
-    def __getitem__(self, index: slice) -> list[dict[str, Any]]: ...
-    def __getitem__(self, index: int | slice) -> dict[str, Any] | list[dict[str, Any]]:
-        if isinstance(index, slice):
-            return [json.loads(text) for text in self._texts[index]]
-        return json.loads(self._texts[index])
-
-
-def build_records_dataset(
-    records_by_split: dict[str, list[dict[str, Any]]], data_dir: str | Path, name: str
-) -> dict[str, Sequence[dict[str, Any]]]:
-    """Prepare (or reuse) a TFDS build of the records under `data_dir`; split -> records."""
-    documents = {
-        split: [canonical_json(r) for r in recs] for split, recs in records_by_split.items()
-    }
-    texts = build_text_dataset(documents, data_dir, name)
-    return {split: RecordSplit(split_texts) for split, split_texts in texts.items()}

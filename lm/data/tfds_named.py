@@ -125,11 +125,6 @@ def _records(
         raise
 
 
-def tfds_records(name: str, split: str, data_dir: str | None) -> Sequence[dict]:
-    """Random-access feature dicts of `split` (e.g. 'train[:95%]') of a prepared TFDS dataset."""
-    return _records(tfds_builder(name, data_dir), name, split, data_dir)
-
-
 def _text_features(builder: tfds.core.DatasetBuilder) -> list[str]:
     features = builder.info.features
     return [k for k in features if isinstance(features[k], tfds.features.Text)]
@@ -163,13 +158,6 @@ def _texts(
             f"text features: {', '.join(texts) or 'none'}. Set data.text_key=..."
         )
     return TextSplit(_records(builder, name, split, data_dir), key=key)
-
-
-def tfds_texts(
-    name: str, split: str, data_dir: str | None, text_key: str = "text"
-) -> Sequence[str]:
-    """Random-access strings of the text feature `text_key` of `split` of a prepared dataset."""
-    return _texts(tfds_builder(name, data_dir), name, split, data_dir, text_key)
 
 
 def tfds_documents(

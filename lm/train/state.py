@@ -53,14 +53,6 @@ def plan_train_state(
     return graphdef, abstract, shardings, jax.jit(init, out_shardings=shardings)
 
 
-def create_train_state(
-    make_model: MakeModel, tx: optax.GradientTransformation, mesh: Mesh, seed: int
-) -> tuple[nnx.GraphDef, TrainState, TrainState]:
-    """(graphdef, freshly initialised sharded state, shardings); see `plan_train_state`."""
-    graphdef, _, shardings, init = plan_train_state(make_model, tx, mesh, seed)
-    return graphdef, init(), shardings
-
-
 def train_state_shardings(abstract: TrainState, tx: optax.GradientTransformation, mesh: Mesh):
     """Shardings for a TrainState: params by their logical axes, moments following params."""
     param_sh = state_shardings(abstract.params, mesh)
