@@ -21,7 +21,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from lm.config import Config, MeshConfig, from_dict, to_dict
-from lm.data.tokenizer import TextTokenizer, load_tokenizer, run_tokenizer_file
+from lm.data.tokenizer import TextTokenizer, existing_tokenizer
 from lm.model.build import build_model
 from lm.model.lora import merge_lora
 from lm.model.transformer import abstract_split
@@ -90,14 +90,8 @@ def load_run(
     )
     manager.close()
     params = restored["state"]["params"]
-    return LoadedRun(cfg, _run_tokenizer(run_dir, cfg), graphdef, params, step, mesh)
-
-
-def _run_tokenizer(run_dir: str | os.PathLike, cfg: Config) -> TextTokenizer | None:
-    own = run_tokenizer_file(run_dir)
-    if own is not None:
-        return load_tokenizer(own)
-    return load_tokenizer(cfg.data.tokenizer) if cfg.data.tokenizer else None
+    tokenizer = existing_tokenizer(run_dir, cfg.data.tokenizer)
+    return LoadedRun(cfg, tokenizer, graphdef, params, step, mesh)
 
 
 def write_run_files(

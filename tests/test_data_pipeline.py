@@ -318,3 +318,19 @@ def test_load_pretrain_data_windows_both_splits_and_reports_stats(tmp_path):
     ):
         assert rows.scored is not None and stats.rows == len(rows) > 0
         assert stats.scored_fraction < 0.5  # windows 8 tokens apart score about 8 of 32 targets
+
+
+def test_pretrain_data_keeps_a_gcs_run_dir_intact(monkeypatch, tmp_path):
+    from lm.data import pipeline
+
+    seen = {}
+
+    def fake_resolve(run_dir, *args):
+        seen["run_dir"] = run_dir
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(pipeline, "resolve_tokenizer", fake_resolve)
+    monkeypatch.setattr(pipeline, "load_documents", lambda *a: {"train": ["x"]})
+    with pytest.raises(RuntimeError, match="stop here"):
+        pipeline.load_pretrain_data(DataConfig(), "gs://bucket/run", vocab_size=300)
+    assert str(seen["run_dir"]) == "gs://bucket/run"

@@ -16,9 +16,9 @@ import numpy as np
 from lm.config import Config
 from lm.runtime.flops import peak_flops, train_flops_per_token
 from lm.runtime.mesh import batch_sharding
+from lm.train.loop import run_mesh, start_session
 from lm.train.objectives import TokenCrossEntropy
 from lm.train.optim import make_optimizer
-from lm.train.session import run_mesh, start_session
 
 
 def synthetic_batch(cfg: Config, seed: int = 0) -> dict[str, np.ndarray]:

@@ -1,7 +1,7 @@
 """`lm pretrain`: train a causal (or masked) language model from scratch, or resume a run.
 
 Reads top to bottom: config → mesh → data → sharded state (or the newest checkpoint) →
-the shared loop (`lm.train.session`) → final evaluation and a sample.
+the shared loop (`lm.train.loop`) → final evaluation and a sample.
 """
 
 from __future__ import annotations
@@ -22,10 +22,10 @@ from lm.runtime.distributed import initialize, process_zero_first
 from lm.runtime.flops import peak_flops
 from lm.runtime.mesh import batch_sharding
 from lm.train.checkpoint import Checkpointer
+from lm.train.loop import run_mesh, start_session
 from lm.train.metrics import MetricsWriter
 from lm.train.objectives import TokenCrossEntropy
 from lm.train.optim import make_optimizer
-from lm.train.session import run_mesh, start_session
 from lm.train.step import make_eval_step
 
 

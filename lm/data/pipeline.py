@@ -16,8 +16,8 @@ is the tokenizer's pad id, else 0 (padding carries no loss and is masked from at
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Sequence
-from pathlib import Path
 
 import jax
 import numpy as np
@@ -25,14 +25,7 @@ import numpy as np
 from lm.config import DataConfig
 from lm.data.batches import StepBatcher
 from lm.data.sources import load_documents
-from lm.data.tokenizer import (
-    PAD_ID,
-    TextTokenizer,
-    load_tokenizer,
-    pad_id,
-    run_tokenizer_file,
-    train_tokenizer,
-)
+from lm.data.tokenizer import PAD_ID, TextTokenizer, pad_id, resolve_tokenizer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -232,29 +225,16 @@ class PretrainData:
     validation_stats: RowStats
 
 
-def _tokenizer_for(
-    data: DataConfig, run_dir: Path, train_docs: Sequence[str], vocab_size: int
-) -> TextTokenizer:
-    own = run_tokenizer_file(run_dir)
-    if not data.tokenizer and own is None:
-        return train_tokenizer(
-            train_docs, run_dir / "tokenizer.model", vocab_size, data.tokenizer_type
-        )
-    tokenizer = load_tokenizer(data.tokenizer or own)
-    if tokenizer.vocab_size != vocab_size:
-        raise ValueError(
-            f"Tokenizer {tokenizer.path} has {tokenizer.vocab_size} pieces but "
-            f"model.vocab_size={vocab_size}; set model.vocab_size={tokenizer.vocab_size}."
-        )
-    return tokenizer
-
-
-def load_pretrain_data(data: DataConfig, run_dir: str | Path, vocab_size: int) -> PretrainData:
+def load_pretrain_data(
+    data: DataConfig, run_dir: str | os.PathLike, vocab_size: int
+) -> PretrainData:
     """Documents -> tokenizer (given, reused from `run_dir`, or trained there) -> rows per split."""
     documents = load_documents(
         data.source, data.data_dir, data.validation_fraction, data.text_key or None, data.text_unit
     )
-    tokenizer = _tokenizer_for(data, Path(run_dir), documents["train"], vocab_size)
+    tokenizer = resolve_tokenizer(
+        run_dir, data.tokenizer, vocab_size, data.tokenizer_type, documents["train"]
+    )
     (train, train_stats), (validation, validation_stats) = (
         rows_for(
             tokenize_documents(tokenizer, documents[split]),

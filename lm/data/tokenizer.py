@@ -155,6 +155,49 @@ def run_tokenizer_file(run_dir: str | os.PathLike) -> epath.Path | None:
     return None
 
 
+def existing_tokenizer(
+    run_dir: str | os.PathLike,
+    configured: str = "",
+    inherited: TextTokenizer | None = None,
+) -> TextTokenizer | None:
+    """A run's tokenizer if it has one: the file in `run_dir` (local or gs://; kept on resume),
+    else `inherited` (e.g. the `init_from` run's), else the `configured` path, else None."""
+    own = run_tokenizer_file(run_dir)
+    if own is not None:
+        return load_tokenizer(own)
+    if inherited is not None:
+        return inherited
+    return load_tokenizer(configured) if configured else None
+
+
+def resolve_tokenizer(
+    run_dir: str | os.PathLike,
+    configured: str,
+    vocab_size: int,
+    model_type: str,
+    train_texts: Iterable[str],
+    inherited: TextTokenizer | None = None,
+) -> TextTokenizer:
+    """`existing_tokenizer`, else a new one trained on `train_texts` into `run_dir` (local or
+    gs://); its vocabulary must be the model's `vocab_size`."""
+    tokenizer = existing_tokenizer(run_dir, configured, inherited)
+    if tokenizer is None:
+        run_dir = epath.Path(run_dir)
+        # SentencePiece writes local files only: train in a local folder, keep it in the run.
+        with tempfile.TemporaryDirectory() as tmp:
+            model = Path(tmp) / "tokenizer.model"
+            train_tokenizer(train_texts, model, vocab_size, model_type)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            epath.Path(model).copy(run_dir / "tokenizer.model", overwrite=True)
+        tokenizer = load_tokenizer(run_dir / "tokenizer.model")
+    if tokenizer.vocab_size != vocab_size:
+        raise ValueError(
+            f"Tokenizer {tokenizer.path} has {tokenizer.vocab_size} pieces but "
+            f"model.vocab_size={vocab_size}; set model.vocab_size={tokenizer.vocab_size}."
+        )
+    return tokenizer
+
+
 def train_tokenizer(
     texts: Iterable[str], model_path: str | Path, vocab_size: int, model_type: str = "bpe"
 ) -> Tokenizer:
