@@ -149,6 +149,7 @@ def wordpiece_tokenizer_json(vocab: str | Path, dst: str | Path, lowercase: bool
             f"Building a tokenizer.json from {vocab} needs the `tokenizers` library; install "
             "the extra: pip install 'lm[hf]'."
         )
+    # A submodule of the optional extra, checked for just above.
     from tokenizers.implementations import BertWordPieceTokenizer
 
     BertWordPieceTokenizer(str(vocab), lowercase=lowercase).save(str(dst))

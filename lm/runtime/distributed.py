@@ -23,6 +23,8 @@ from collections.abc import Callable, Mapping
 from typing import TypeVar
 
 import jax
+from jax._src import hardware_utils
+from jax.experimental import multihost_utils
 
 T = TypeVar("T")
 
@@ -45,8 +47,6 @@ class DistributedSpec:
 
 def _tpu_vm_present() -> bool:
     # JAX's own probe (PCI vendor/device ids); reads /sys only and starts no backend.
-    from jax._src import hardware_utils
-
     return hardware_utils.num_available_tpu_chips_and_device_id()[0] > 0
 
 
@@ -137,8 +137,6 @@ def process_zero_first(name: str, fn: Callable[[], T]) -> T:
     """`fn()` on process 0, then on the others: for work whose files the others then read."""
     if jax.process_count() == 1:
         return fn()
-    from jax.experimental import multihost_utils
-
     result = fn() if jax.process_index() == 0 else None
     multihost_utils.sync_global_devices(name)
     return fn() if result is None else result

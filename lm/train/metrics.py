@@ -9,6 +9,7 @@ from pathlib import Path
 
 import jax
 from etils import epath
+from tensorboardX import SummaryWriter
 
 
 def _fmt_duration(seconds: float) -> str:
@@ -34,8 +35,6 @@ class MetricsWriter:
             run_dir = epath.Path(run_dir)  # local or gs://
             run_dir.mkdir(parents=True, exist_ok=True)
             self._jsonl = (run_dir / "metrics.jsonl").open("a")
-            from tensorboardX import SummaryWriter
-
             self._tb = SummaryWriter(str(run_dir / "tensorboard"))
 
     def write(self, step: int, scalars: dict[str, float], prefix: str = "train") -> None:
