@@ -18,8 +18,8 @@ import numpy as np
 from lm.config import load_config
 from lm.model.build import build_model
 from lm.runtime.mesh import batch_sharding, make_mesh
+from lm.tasks.classification import SequenceClassification
 from lm.train.freeze import FrozenNoGradient, trainable_names
-from lm.train.objectives import SequenceClassification
 from lm.train.optim import freeze, make_optimizer
 from lm.train.state import plan_train_state
 from lm.train.step import make_train_step

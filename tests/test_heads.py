@@ -7,15 +7,13 @@ from conftest import random_batch, tiny_model
 from flax import nnx
 
 from lm.config import Config, FinetuneConfig
-from lm.data.tasks import encode_token_labels
 from lm.data.tokenizer import train_tokenizer
-from lm.model.heads import pool, task_model
-from lm.train.objectives import (
-    Regression,
-    SequenceClassification,
-    TokenClassification,
-    TokenCrossEntropy,
-)
+from lm.model.heads import pool
+from lm.tasks import task_for
+from lm.tasks.classification import SequenceClassification
+from lm.tasks.regression import Regression
+from lm.tasks.token_labels import TokenClassification, encode_token_labels
+from lm.train.objectives import TokenCrossEntropy
 
 B, L = 4, 12
 LENGTHS = np.array([12, 7, 3, 9])
@@ -25,7 +23,8 @@ def build(task: str, vocab_size: int = 64, **finetune):
     defaults = {"classification": "a,b,c", "token_labels": "O,B-N,I-N", "regression": ""}
     f = FinetuneConfig(task=task, dataset="records.jsonl", labels=defaults[task], **finetune)
     with nnx.use_eager_sharding(False):
-        return task_model(Config(model=tiny_model(vocab_size=vocab_size), finetune=f), nnx.Rngs(0))
+        cfg = Config(model=tiny_model(vocab_size=vocab_size), finetune=f)
+        return task_for(cfg).model(cfg, nnx.Rngs(0))
 
 
 def rows(seed: int = 0) -> dict[str, np.ndarray]:
@@ -141,7 +140,7 @@ def test_task_model_passes_token_types_to_a_bert_style_backbone():
     f = FinetuneConfig(task="classification", dataset="records.jsonl", labels="a,b")
     cfg = Config(model=tiny_model(vocab_size=64, type_vocab_size=2), finetune=f)
     with nnx.use_eager_sharding(False):
-        model = task_model(cfg, nnx.Rngs(0))
+        model = task_for(cfg).model(cfg, nnx.Rngs(0))
     batch = rows()
     tokens, segments = batch["inputs"], batch["segment_ids"]
     second_half = (np.arange(L) >= 4).astype(np.int32)[None].repeat(B, 0)

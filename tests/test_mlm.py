@@ -10,7 +10,7 @@ import pytest
 from conftest import random_batch, tiny_model, write_tiny_corpus
 from flax import nnx
 
-from lm.config import ConfigError, load_config
+from lm.config import ConfigError, check_pretraining, load_config
 from lm.data.batches import StepBatcher
 from lm.data.masking import SPECIAL_IDS
 from lm.data.mlm import MaskedStepBatches, Masking
@@ -104,7 +104,7 @@ def test_objective_and_model_must_agree():
     with pytest.raises(ConfigError, match="data.mask_rate must be in"):
         load_config(None, ["data.mask_rate=1.5"])
     with pytest.raises(ConfigError, match="set model.causal=true or train.objective=mlm"):
-        load_config(None, ["model.causal=false"])
+        check_pretraining(load_config(None, ["model.causal=false"]))
 
 
 @pytest.fixture(scope="module")

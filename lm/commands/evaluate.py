@@ -30,6 +30,7 @@ from lm.evaluation.lm_metrics import evaluate_lm
 from lm.run_dir import load_run, read_run_config
 from lm.runtime.distributed import initialize, process_zero_first
 from lm.runtime.mesh import batch_sharding, make_mesh
+from lm.tasks import task_named
 from lm.train.objectives import TokenCrossEntropy
 from lm.train.step import make_eval_step
 
@@ -87,7 +88,7 @@ def evaluate_run(
     started = time.perf_counter()
     initialize()  # joins a multi-host run when the environment asks for one
     run_dir = epath.Path(run_dir)  # local or gs://
-    if cfg.finetune.task not in ("", "text_to_text"):
+    if cfg.finetune.task and not task_named(cfg.finetune.task).predicts_tokens:
         raise ValueError(
             f"{run_dir} is a finetune.task={cfg.finetune.task} run, whose model outputs task "
             "predictions, not tokens; lm evaluate scores language models (its task metrics are "

@@ -26,6 +26,7 @@ from lm.model.lora import LoraModel, merge_lora
 from lm.run_dir import export_merged, load_run, write_run_files
 from lm.runtime.flops import peak_flops
 from lm.runtime.mesh import batch_sharding, check_batch_fits_mesh, make_mesh
+from lm.tasks import task_for
 from lm.train.checkpoint import BestCheckpoint, Checkpointer, checkpoint_meta
 from lm.train.freeze import finetune_optimizer, gate_frozen
 from lm.train.init_from import backbone_prefix, copy_backbone
@@ -33,7 +34,6 @@ from lm.train.loop import LoopSettings, run_loop
 from lm.train.metrics import MetricsWriter
 from lm.train.state import TrainState, plan_train_state
 from lm.train.step import make_eval_step, make_train_step
-from lm.train.task_objective import make_objective
 
 
 def finetune(cfg: Config) -> dict[str, float]:
@@ -45,6 +45,7 @@ def finetune(cfg: Config) -> dict[str, float]:
             "finetune.task is empty; set it to classification, regression, token_labels or "
             "text_to_text (see configs/finetune/)."
         )
+    task = task_for(cfg)
     run_dir = epath.Path(cfg.train.run_dir)  # local or gs://
     mesh = make_mesh(cfg.mesh)
     check_batch_fits_mesh(cfg, mesh)
@@ -88,7 +89,7 @@ def finetune(cfg: Config) -> dict[str, float]:
                 fresh = "; head fresh" if backbone_prefix(cfg)[-1:] == ("backbone",) else ""
                 writer.print(f"backbone from {f.init_from} (step {source.step}){fresh}")
 
-        objective = gate_frozen(cfg, make_objective(cfg, train))
+        objective = gate_frozen(cfg, task.objective(cfg, train))
         dropout_seed = cfg.train.seed + 1 if cfg.model.dropout or f.head_dropout else None
         train_step = make_train_step(
             graphdef, tx, objective, shardings, cfg.optim.grad_accum, dropout_seed
@@ -103,7 +104,7 @@ def finetune(cfg: Config) -> dict[str, float]:
 
         def evaluate_split(current: TrainState, split: str, limit: int) -> dict[str, float]:
             generate = None
-            if f.task == "text_to_text":
+            if task.predicts_tokens:
                 model = nnx.merge(graphdef, current.params)
                 model = merge_lora(model) if isinstance(model, LoraModel) else model
 

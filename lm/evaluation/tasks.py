@@ -12,11 +12,11 @@ from jax.experimental import multihost_utils
 from lm.config import Config
 from lm.data.batches import ArrayTable, local_rows, ordered_batches
 from lm.data.pipeline import to_global
-from lm.data.task_data import Examples
-from lm.data.tasks import frame_ids
 from lm.data.tokenizer import TextTokenizer
 from lm.evaluation import task_metrics
 from lm.inference.generator import Generator
+from lm.tasks import task_for
+from lm.tasks.encoding import Examples, frame_ids
 
 
 def _gather(x: jax.Array) -> np.ndarray:
@@ -32,7 +32,7 @@ def evaluate_task(
     generate: Callable[[], dict[str, float]] | None = None,
     limit: int = 0,
 ) -> dict[str, float]:
-    """The task's metrics (see `FINETUNE_METRICS`) over the first `limit` (0 = all) examples."""
+    """The loss and the task's scores over the first `limit` (0 = all) examples."""
     f = cfg.finetune
     count = len(next(iter(arrays.values())))
     if limit:
@@ -49,27 +49,8 @@ def evaluate_task(
     if weight == 0:
         raise ValueError("The evaluation split has nothing to score; provide a non-empty split.")
     results = {"loss": nll / weight}
-    pred = np.concatenate(predictions)[:count] if predictions else None
-    if f.task == "classification":
-        results["accuracy"] = task_metrics.accuracy(arrays["label"], pred)
-        results["macro_f1"] = task_metrics.macro_f1(arrays["label"], pred, f.num_outputs)
-    elif f.task == "regression":
-        target = arrays["target"]
-        results["mse"] = task_metrics.mse(target, pred)
-        for name in ("pearson", "spearman"):
-            score = getattr(task_metrics, name)
-            results[name] = float(
-                np.mean([score(target[:, t], pred[:, t]) for t in range(target.shape[1])])
-            )
-    elif f.task == "token_labels":
-        tags, weights = arrays["tags"], arrays["tag_weights"]
-        results["token_accuracy"] = task_metrics.token_accuracy(tags, pred, weights)
-        names = np.array(f.label_names or [str(i) for i in range(f.num_outputs)])
-        scored = [w > 0 for w in weights]
-        results["entity_f1"] = task_metrics.entity_f1(
-            [list(names[t[s]]) for t, s in zip(tags, scored, strict=True)],
-            [list(names[p[s]]) for p, s in zip(pred, scored, strict=True)],
-        )
+    if predictions:
+        results.update(task_for(cfg).scores(f, arrays, np.concatenate(predictions)[:count]))
     if generate is not None:
         results.update(generate())
     return results

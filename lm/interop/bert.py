@@ -1,6 +1,6 @@
 """BERT ↔ this project: a post-LayerNorm bidirectional encoder with learned positions, token types
 and an embedding LayerNorm; the masked-LM head (tied decoder + bias) and the pooler + classifier
-of sequence classification map onto `MlmHead` and `ClassificationHead(pooler=True)`."""
+of sequence classification map onto `MlmHead` and `PooledHead(pooler=True)`."""
 
 from __future__ import annotations
 
@@ -46,16 +46,17 @@ def model_config(hf: dict) -> dict:
 
 
 def finetune_config(hf: dict) -> dict:
-    """FinetuneConfig fields of a BertForSequenceClassification: its task, labels and head."""
+    """FinetuneConfig fields of a BertForSequenceClassification: its labels and head, and the
+    `problem_type` (regression or single_label_classification) that decides the task."""
     problem = hf.get("problem_type")
     if problem == "multi_label_classification":
         raise ValueError("BERT problem_type multi_label_classification is not supported.")
     id2label = hf.get("id2label") or {"0": "LABEL_0", "1": "LABEL_1"}
     names = [id2label[str(i)] for i in range(len(id2label))]
-    regression = problem == "regression" or len(names) == 1
+    regression = problem == "regression" or len(names) == 1  # as transformers decides
     dropout = hf.get("classifier_dropout")
     return dict(
-        task="regression" if regression else "classification",
+        problem_type="regression" if regression else "single_label_classification",
         num_labels=len(names),
         labels="" if regression or any("," in n for n in names) else ",".join(names),
         pooling="first",
@@ -64,11 +65,12 @@ def finetune_config(hf: dict) -> dict:
     )
 
 
-def hf_config(m: ModelConfig, architecture: str, f: FinetuneConfig) -> dict:
-    """config.json of a BERT `architecture` for `m` (and the classifier `f` describes)."""
+def hf_config(m: ModelConfig, architecture: str, f: FinetuneConfig, problem_type: str = "") -> dict:
+    """config.json of a BERT `architecture` for `m` (and the classifier `f` describes, whose
+    task has BERT's `problem_type`)."""
     labels = f.label_names or [f"LABEL_{i}" for i in range(f.num_outputs)]
     classifier = {
-        "problem_type": "regression" if f.task == "regression" else "single_label_classification",
+        "problem_type": problem_type,
         "id2label": dict(enumerate(labels)),
         "label2id": {name: i for i, name in enumerate(labels)},
         "classifier_dropout": f.head_dropout,
@@ -138,7 +140,7 @@ def mlm_entries() -> list[Tensors]:
 
 
 def classifier_entries() -> list[Tensors]:
-    """BertForSequenceClassification's pooler and classifier onto `ClassificationHead`."""
+    """BertForSequenceClassification's pooler and classifier onto `PooledHead`."""
     transpose = lambda w: w.T
     return [
         tensor("pooler/kernel", "bert.pooler.dense.weight", transpose, transpose),

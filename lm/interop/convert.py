@@ -29,6 +29,7 @@ from lm.model.build import build_model
 from lm.model.transformer import abstract_split
 from lm.run_dir import load_run, read_run_config, write_params_run
 from lm.runtime.mesh import make_mesh
+from lm.tasks import TASKS, task_for
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +90,10 @@ def config_from_hf(hf: dict, overrides: Sequence[str] = ()) -> Config:
         "train": {"objective": "mlm" if arch.head == "mlm" else "clm"},
     }
     if arch.head == "classify":
-        tree["finetune"] = bert.finetune_config(hf)
+        finetune = bert.finetune_config(hf)
+        problem = finetune.pop("problem_type")
+        finetune["task"] = next(n for n, t in TASKS.items() if t.hf_problem_type == problem)
+        tree["finetune"] = finetune
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"Override '{item}' must look like section.key=value.")
@@ -179,15 +183,17 @@ def export_config(cfg: Config) -> tuple[Architecture, dict]:
             f"finetune.lora_rank={f.lora_rank}: LoRA adapters have no place in a plain Hugging "
             "Face model; export a run trained without LoRA."
         )
-    if f.task in ("classification", "regression"):
+    task = task_for(cfg) if f.task else None
+    hf_class = task.hf_architecture if task else ""
+    if hf_class is None:
+        raise ValueError(f"finetune.task={f.task} has no Hugging Face architecture here.")
+    if hf_class == "BertForSequenceClassification":
         if not (f.pooler and f.pooling == "first"):
             raise ValueError(
                 "A sequence classifier exports as BertForSequenceClassification only with "
                 "finetune.pooler=true and finetune.pooling=first (BERT's pooler on [CLS])."
             )
-        name, module = "BertForSequenceClassification", bert
-    elif f.task and f.task != "text_to_text":
-        raise ValueError(f"finetune.task={f.task} has no Hugging Face architecture here.")
+        name, module = hf_class, bert
     elif cfg.train.objective == "mlm":
         name, module = "BertForMaskedLM", bert
     elif m.norm_position == "post":
@@ -196,7 +202,8 @@ def export_config(cfg: Config) -> tuple[Architecture, dict]:
         name, module = gpt2.EXPORT_ARCHITECTURE, gpt2
     else:
         name, module = llama.EXPORT_ARCHITECTURE, llama
-    hf = bert.hf_config(m, name, f) if module is bert else module.hf_config(m)
+    problem_type = task.hf_problem_type if task else ""
+    hf = bert.hf_config(m, name, f, problem_type) if module is bert else module.hf_config(m)
     expected = ModelConfig(**module.model_config(hf))
     for field in _ARCH_FIELDS:
         ours, theirs = getattr(m, field), getattr(expected, field)

@@ -2,6 +2,7 @@
 
 Each model here is an `nnx.Module` with a `backbone` (the shared `Transformer`) and a `head`,
 so backbone parameters keep their names and a pretrained checkpoint maps onto them directly.
+Which head a fine-tuning task uses is the task's choice (`lm.tasks`).
 """
 
 from __future__ import annotations
@@ -112,8 +113,11 @@ def pool(h_BxLxD: jax.Array, segment_ids_BxL: jax.Array, pooling: str) -> jax.Ar
     return jnp.take_along_axis(h_BxLxD, last_B[:, None, None], axis=1)[:, 0]
 
 
-class ClassificationHead(nnx.Module):
-    """Pool the sequence, optionally BERT's pooler (dense + tanh), dropout, dense to C logits."""
+class PooledHead(nnx.Module):
+    """Pool the sequence, optionally BERT's pooler (dense + tanh), dropout, dense to C outputs.
+
+    The outputs are class logits (classification) or real values (regression).
+    """
 
     def __init__(
         self,
@@ -138,10 +142,6 @@ class ClassificationHead(nnx.Module):
             x_BxD = jnp.tanh(self.pooler(x_BxD))
         x_BxD = dropout(x_BxD, self.dropout_rate, dropout_key)
         return self.classifier(x_BxD, out_dtype=jnp.float32)
-
-
-class RegressionHead(ClassificationHead):
-    """The classification head's layers with T real-valued outputs (trained with MSE)."""
 
 
 class TokenClassificationHead(nnx.Module):
@@ -187,24 +187,16 @@ class TaskModel(nnx.Module):
         return self.head(h_BxLxD, segment_ids_BxL, keys[1])
 
 
-def task_model(cfg: Config, rngs: nnx.Rngs) -> nnx.Module:
-    """The model `cfg.finetune` trains: a TaskModel, or the causal-LM Transformer for SFT."""
+def pooled_model(cfg: Config, rngs: nnx.Rngs) -> TaskModel:
+    """A backbone with the `PooledHead` that `cfg.finetune` describes (sequence-level tasks)."""
     f = cfg.finetune
     backbone = Transformer(cfg.model, rngs=rngs)
-    if f.task == "text_to_text":
-        return backbone
-    if f.task == "token_labels":
-        head = TokenClassificationHead(
-            cfg.model, f.num_outputs, dropout_rate=f.head_dropout, rngs=rngs
-        )
-    else:
-        kind = ClassificationHead if f.task == "classification" else RegressionHead
-        head = kind(
-            cfg.model,
-            f.num_outputs,
-            pooling=f.pooling,
-            pooler=f.pooler,
-            dropout_rate=f.head_dropout,
-            rngs=rngs,
-        )
+    head = PooledHead(
+        cfg.model,
+        f.num_outputs,
+        pooling=f.pooling,
+        pooler=f.pooler,
+        dropout_rate=f.head_dropout,
+        rngs=rngs,
+    )
     return TaskModel(backbone, head)

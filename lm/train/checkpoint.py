@@ -16,7 +16,8 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
-from lm.config import FINETUNE_METRICS, CheckpointConfig, Config, to_dict
+from lm.config import CheckpointConfig, Config, to_dict
+from lm.tasks import task_for
 from lm.train.state import TrainState, abstract_with_shardings
 
 LOWER_IS_BETTER = frozenset({"loss", "mse"})
@@ -96,7 +97,7 @@ class BestCheckpoint:
     def __init__(self, directory: epath.Path, cfg: Config):
         self.directory = directory
         f = cfg.finetune
-        self.metric = f.metric or FINETUNE_METRICS[f.task][0]
+        self.metric = f.metric or task_for(cfg).metrics[0]
         self.sign = -1.0 if self.metric in LOWER_IS_BETTER else 1.0
         self.patience = f.patience
         self.record = {"metric": self.metric, "step": None, "value": None, "stale": 0}
@@ -128,8 +129,3 @@ class BestCheckpoint:
 def absolute(path: epath.Path) -> epath.Path:
     """Local paths made absolute (Orbax needs it); gs:// and other remote URIs as they are."""
     return path if "://" in os.fspath(path) else path.absolute()
-
-
-def abstract_of(tree: Any) -> Any:
-    """ShapeDtypeStructs of a concrete tree (the restore target's shapes)."""
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)

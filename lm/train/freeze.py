@@ -16,6 +16,7 @@ import optax
 from flax import nnx
 
 from lm.config import Config
+from lm.tasks import task_for
 from lm.train.optim import freeze, make_optimizer, path_names
 
 
@@ -89,15 +90,16 @@ def trainable_names(cfg: Config) -> Callable[[list[str]], bool] | None:
     `first_trained_layer` then freezes their earlier slices.
     """
     f, m = cfg.finetune, cfg.model
-    # A task head never reads the output matrix: freeze it rather than let weight decay erode it.
-    unused = {"unembed"} if f.task != "text_to_text" else set()
+    outputs = task_for(cfg).output_params
+    # An output matrix the task never reads: freeze it rather than let weight decay erode it.
+    unused = {"unembed"} - outputs
     if f.lora_rank:
         return lambda names: "adapters" in names or "head" in names
     if f.trainable == "head":
         return lambda names: "head" in names
     if f.trainable == "last_k":
         first = _first_kept_layer(cfg)
-        top = {"head", "final_norm"} | ({"unembed"} if f.task == "text_to_text" else set())
+        top = {"final_norm"} | outputs
 
         def last_k(names: list[str]) -> bool:
             if top & set(names):

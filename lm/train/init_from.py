@@ -11,6 +11,7 @@ from flax import nnx
 
 from lm.config import Config, ConfigError, ModelConfig, build_config, load_config
 from lm.run_dir import read_run_config
+from lm.tasks import task_for
 
 # Model keys that change how a checkpoint's parameters are used, not what they are: a fine-tune
 # may set them freely; every other model key must be the checkpoint's.
@@ -91,6 +92,5 @@ def copy_backbone(params: nnx.State, source: nnx.State, prefix: tuple, origin: s
 
 
 def backbone_prefix(cfg: Config) -> tuple[str, ...]:
-    """Where the backbone sits in the model's parameters."""
-    f = cfg.finetune
-    return ("base",) * bool(f.lora_rank) + ("backbone",) * (f.task != "text_to_text")
+    """Where the backbone sits in the model's parameters (under `base` with LoRA)."""
+    return ("base",) * bool(cfg.finetune.lora_rank) + task_for(cfg).backbone_path
