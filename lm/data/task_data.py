@@ -7,16 +7,13 @@ evaluation batches come in order, padded with zero-weight rows.
 
 from __future__ import annotations
 
-import tempfile
-from pathlib import Path
-
 import numpy as np
 from etils import epath
 
-from lm.config import Config, ConfigError
+from lm.config import Config
 from lm.data import finetune_demos as demos
 from lm.data.local_records import local_records, require_columns
-from lm.data.tokenizer import TextTokenizer, load_tokenizer, run_tokenizer_file, train_tokenizer
+from lm.data.tokenizer import TextTokenizer, resolve_tokenizer
 from lm.tasks import task_for
 from lm.tasks.encoding import Examples, TaskStats
 
@@ -64,27 +61,17 @@ def encode(cfg: Config, tokenizer: TextTokenizer, examples: Examples):
 def finetune_tokenizer(
     cfg: Config, run_dir: epath.Path, init_tokenizer: TextTokenizer | None, train_inputs: list
 ) -> TextTokenizer:
-    """This run's tokenizer (kept on resume), else init_from's, data.tokenizer, or a new one."""
-    own = run_tokenizer_file(run_dir)
-    if own is not None:
-        tokenizer = load_tokenizer(own)
-    elif init_tokenizer is not None or cfg.data.tokenizer:
-        tokenizer = init_tokenizer or load_tokenizer(cfg.data.tokenizer)
-    else:
-        texts = [t if isinstance(t, str) else " ".join(t) for t in train_inputs]
-        # SentencePiece writes local files only: train in a local folder, keep it in the run.
-        with tempfile.TemporaryDirectory() as tmp:
-            model = Path(tmp) / "tokenizer.model"
-            train_tokenizer(texts, model, cfg.model.vocab_size, cfg.data.tokenizer_type)
-            run_dir.mkdir(parents=True, exist_ok=True)
-            epath.Path(model).copy(run_dir / "tokenizer.model", overwrite=True)
-        tokenizer = load_tokenizer(run_dir / "tokenizer.model")
-    if tokenizer.vocab_size != cfg.model.vocab_size:
-        raise ConfigError(
-            f"Tokenizer {tokenizer.path} has {tokenizer.vocab_size} pieces but "
-            f"model.vocab_size={cfg.model.vocab_size}; set model.vocab_size={tokenizer.vocab_size}."
-        )
-    return tokenizer
+    """This run's tokenizer (kept on resume), else init_from's, data.tokenizer, or a new one
+    trained on the training inputs (word lists joined by spaces)."""
+    texts = (t if isinstance(t, str) else " ".join(t) for t in train_inputs)
+    return resolve_tokenizer(
+        run_dir,
+        cfg.data.tokenizer,
+        cfg.model.vocab_size,
+        cfg.data.tokenizer_type,
+        texts,
+        init_tokenizer,
+    )
 
 
 def stats_line(split: str, stats: TaskStats, seq_len: int) -> str:
