@@ -16,7 +16,7 @@ from flax import nnx
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from lm.config import Config, ConfigError, MeshConfig, mesh_shape
+from lm.config import ConfigError, MeshConfig, mesh_shape
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -115,15 +115,3 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
-
-
-def check_batch_fits_mesh(cfg: Config, mesh: jax.sharding.Mesh) -> None:
-    """Every micro-batch must split evenly over the batch-sharded mesh axes."""
-    shards = mesh.shape["data"] * mesh.shape["fsdp"]
-    micro = cfg.data.batch_size // cfg.optim.grad_accum
-    if micro % shards:
-        raise ConfigError(
-            f"data.batch_size / optim.grad_accum = {micro} rows cannot split over "
-            f"data*fsdp = {shards} devices; make data.batch_size a multiple of "
-            f"{shards * cfg.optim.grad_accum}."
-        )

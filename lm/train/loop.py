@@ -23,11 +23,11 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
-from lm.config import Config, validate
+from lm.config import Config, check_training_mesh
 from lm.data.pipeline import to_global
 from lm.model.build import build_model
 from lm.runtime.flops import train_flops_per_token
-from lm.runtime.mesh import batch_sharding, check_batch_fits_mesh, make_mesh
+from lm.runtime.mesh import batch_sharding, make_mesh
 from lm.train.checkpoint import Checkpointer, checkpoint_meta
 from lm.train.metrics import MetricsWriter
 from lm.train.state import TrainState, plan_train_state
@@ -147,10 +147,8 @@ def run_loop(
 
 def run_mesh(cfg: Config) -> Mesh:
     """The mesh `cfg.mesh` asks for, once the config is checked against this machine's devices."""
-    validate(cfg, jax.device_count())
-    mesh = make_mesh(cfg.mesh)
-    check_batch_fits_mesh(cfg, mesh)
-    return mesh
+    check_training_mesh(cfg, jax.device_count())
+    return make_mesh(cfg.mesh)
 
 
 @dataclass
