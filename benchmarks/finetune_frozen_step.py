@@ -19,8 +19,8 @@ from lm.config import load_config
 from lm.model.build import build_model
 from lm.runtime.mesh import batch_sharding, make_mesh
 from lm.tasks.classification import SequenceClassification
-from lm.train.freeze import FrozenNoGradient, trainable_names
-from lm.train.optim import freeze, make_optimizer
+from lm.train.freeze import FrozenNoGradient, freeze, trainable_groups
+from lm.train.optim import make_optimizer
 from lm.train.state import plan_train_state
 from lm.train.step import make_train_step
 
@@ -40,7 +40,7 @@ def main() -> None:
         "label": rng.integers(0, cfg.finetune.num_outputs, rows).astype(np.int32),
         "example_weights": np.ones(rows, np.float32),
     }
-    names = trainable_names(cfg)
+    names = trainable_groups(cfg)
     tx = freeze(make_optimizer(cfg.optim, 100), names)
     mesh = make_mesh(cfg.mesh)
     with jax.set_mesh(mesh):

@@ -25,9 +25,15 @@ from lm.model.build import build_model
 from lm.run_dir import load_run, write_params_run
 from lm.runtime.mesh import batch_sharding, make_mesh
 from lm.tasks.classification import SequenceClassification
-from lm.train.freeze import finetune_optimizer, gate_frozen, trainable_names
+from lm.train.freeze import (
+    finetune_optimizer,
+    freeze,
+    gate_frozen,
+    trainable_groups,
+    trainable_mask,
+)
 from lm.train.init_from import copy_backbone
-from lm.train.optim import freeze, make_optimizer, trainable_mask
+from lm.train.optim import make_optimizer
 from lm.train.state import plan_train_state
 from lm.train.step import make_train_step
 
@@ -218,7 +224,7 @@ def test_last_k_trains_last_blocks_final_norm_and_head_and_frozen_get_no_adam_st
     cfg = Config(model=tiny_model(scan_layers=False, tie_embeddings=False), finetune=f)
     with nnx.use_eager_sharding(False):
         params = nnx.state(build_model(cfg, nnx.Rngs(0)))
-    names = trainable_names(cfg)
+    names = trainable_groups(cfg)
     mask = {
         "/".join(map(str, p[:-1])): bool(m)
         for p, m in jax.tree_util.tree_flatten_with_path(trainable_mask(params, names))[0]

@@ -10,12 +10,13 @@ from conftest import random_batch, tiny_model
 
 from lm.config import CheckpointConfig, MeshConfig, OptimConfig
 from lm.model import Transformer
+from lm.model.params import decay_mask
 from lm.runtime.mesh import batch_sharding, make_mesh
 from lm.train.checkpoint import Checkpointer
 from lm.train.loop import LoopSettings, TrainingDiverged, run_loop
 from lm.train.metrics import MetricsWriter
 from lm.train.objectives import TokenCrossEntropy, token_losses
-from lm.train.optim import decay_mask, learning_rate, make_optimizer
+from lm.train.optim import learning_rate, make_optimizer
 from lm.train.state import plan_train_state
 from lm.train.step import make_train_step
 

@@ -15,6 +15,7 @@ from flax import nnx
 
 from lm.config import Config, ModelConfig
 from lm.model.linear import dense
+from lm.model.params import param
 from lm.model.transformer import Norm, Transformer, dropout
 from lm.runtime.mesh import constrain
 
@@ -29,13 +30,17 @@ class MlmHead(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
         d, pdt = cfg.d_model, jnp.dtype(cfg.param_dtype)
-        self.w_transform = nnx.Param(
+        self.w_transform = param(
             nnx.initializers.normal(cfg.init_std)(rngs.params(), (d, d), pdt),
-            out_sharding=("embed", None),
+            ("embed", None),
+            decay=True,
+            group="head",
         )
-        self.b_transform = nnx.Param(jnp.zeros((d,), pdt), out_sharding=("norm",))
-        self.norm = Norm(dataclasses.replace(cfg, norm="layernorm"))
-        self.b_output = nnx.Param(jnp.zeros((cfg.vocab_size,), pdt), out_sharding=("vocab",))
+        self.b_transform = param(jnp.zeros((d,), pdt), ("norm",), decay=False, group="head")
+        self.norm = Norm(dataclasses.replace(cfg, norm="layernorm"), group="head")
+        self.b_output = param(
+            jnp.zeros((cfg.vocab_size,), pdt), ("vocab",), decay=False, group="head"
+        )
 
     def __call__(self, h_BxLxD: jax.Array, w_VxD: jax.Array) -> jax.Array:
         """float32 logits [B, L, V] from backbone hidden states and the decoder matrix."""
@@ -81,15 +86,16 @@ POOLINGS = ("first", "mean", "last")
 
 
 class Dense(nnx.Module):
-    """y = x W + b with W [in, out] (named `kernel`/`bias`, as the HF classifier layers map)."""
+    """y = x W + b with W [in, out] (named `kernel`/`bias`, as the HF classifier layers map);
+    a head's layer."""
 
     def __init__(self, cfg: ModelConfig, d_in: int, d_out: int, *, rngs: nnx.Rngs):
         self.dtype, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         init = nnx.initializers.normal(cfg.init_std)
-        self.kernel = nnx.Param(
-            init(rngs.params(), (d_in, d_out), pdt), out_sharding=("embed", None)
+        self.kernel = param(
+            init(rngs.params(), (d_in, d_out), pdt), ("embed", None), decay=True, group="head"
         )
-        self.bias = nnx.Param(jnp.zeros((d_out,), pdt), out_sharding=(None,))
+        self.bias = param(jnp.zeros((d_out,), pdt), (None,), decay=False, group="head")
 
     def __call__(self, x: jax.Array, out_dtype=None) -> jax.Array:
         y = dense(x, self.kernel[...], self.dtype, out_dtype=out_dtype)

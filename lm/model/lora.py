@@ -16,18 +16,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-# Target matrices by parameter name: (input axes, axes of one layer's matrix). Attention
-# projections are stored per head ([D, H, K] in, [H, K, D] out); a scanned stack of blocks
-# adds a leading layer axis, which gets its own adapter per layer.
-MATRICES: dict[str, tuple[int, int]] = {
-    "wq": (1, 3),
-    "wk": (1, 3),
-    "wv": (1, 3),
-    "wo": (2, 3),
-    "w_gate": (1, 2),
-    "w_up": (1, 2),
-    "w_down": (1, 2),
-}
+from lm.model.params import param, role
+
 _SEP = "__"  # joins a parameter's path into one adapter key (no '/' or '.' in checkpoint keys)
 
 
@@ -36,10 +26,9 @@ class LoraAdapter(nnx.Module):
 
     def __init__(self, lead: tuple[int, ...], d_in: int, d_out: int, rank: int, dtype, rngs):
         bound = 1.0 / math.sqrt(d_in)  # PEFT's kaiming-uniform(a=√5) bound for A
-        self.a = nnx.Param(
-            jax.random.uniform(rngs.params(), (*lead, d_in, rank), dtype, -bound, bound)
-        )
-        self.b = nnx.Param(jnp.zeros((*lead, rank, d_out), dtype))
+        a = jax.random.uniform(rngs.params(), (*lead, d_in, rank), dtype, -bound, bound)
+        self.a = param(a, None, decay=True, group="adapter")
+        self.b = param(jnp.zeros((*lead, rank, d_out), dtype), None, decay=True, group="adapter")
 
 
 class LoraModel(nnx.Module):
@@ -54,19 +43,27 @@ class LoraModel(nnx.Module):
         *,
         rngs: nnx.Rngs,
     ):
-        unknown = sorted(set(targets) - set(MATRICES))
+        # Matrices declare themselves adaptable (`lora` role): (input axes, output axes) of one
+        # layer's matrix; a scanned stack of blocks adds a leading layer axis, which gets its
+        # own adapter per layer.
+        matrices = [
+            (path, variable, role(variable, "lora"))
+            for path, variable in nnx.to_flat_state(nnx.state(base, nnx.Param))
+            if role(variable, "lora") is not None
+        ]
+        adaptable = sorted({str(path[-1]) for path, _, _ in matrices})
+        unknown = sorted(set(targets) - set(adaptable))
         if unknown:
             raise ValueError(
-                f"LoRA targets {unknown} are not adaptable matrices; choose from {list(MATRICES)}."
+                f"LoRA targets {unknown} are not adaptable matrices; choose from {adaptable}."
             )
         self.base = base
         self.scale = alpha / rank
         adapters = {}
-        for path, variable in nnx.to_flat_state(nnx.state(base, nnx.Param)):
-            name = str(path[-1])
-            if name not in targets:
+        for path, variable, (in_axes, out_axes) in matrices:
+            if str(path[-1]) not in targets:
                 continue
-            in_axes, ndim = MATRICES[name]
+            ndim = in_axes + out_axes
             shape = variable.shape
             lead = shape[: len(shape) - ndim]
             d_in = math.prod(shape[len(lead) : len(lead) + in_axes])

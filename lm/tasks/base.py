@@ -24,8 +24,9 @@ class Task:
     metrics: tuple[str, ...] = ()  # reported scores; the first is the default `finetune.metric`
     # Where the backbone sits in the model's parameters: `backbone` beside the head, or the root.
     backbone_path: tuple[str, ...] = ("backbone",)
-    # Parameters producing the outputs: they train under every `finetune.trainable` choice.
-    output_params: frozenset[str] = frozenset({"head"})
+    # Parameter groups (`lm.model.params.GROUPS`) producing the outputs: they train under every
+    # `finetune.trainable` choice.
+    output_groups: frozenset[str] = frozenset({"head"})
     # The model outputs vocabulary logits: `lm evaluate` can score it, and validation also
     # scores greedy answers decoded from the prompts (`lm.evaluation.tasks.AnswerScorer`).
     predicts_tokens: bool = False

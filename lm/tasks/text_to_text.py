@@ -77,7 +77,7 @@ class TextToTextTask(Task):
     name = "text_to_text"
     metrics = ("exact_match", "token_f1", "loss")
     backbone_path = ()  # the model is the causal-LM Transformer itself
-    output_params = frozenset({"unembed"})
+    output_groups = frozenset({"unembed"})
     predicts_tokens = True
     hf_architecture = ""
 

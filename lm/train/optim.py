@@ -1,16 +1,12 @@
-"""Optax chains: AdamW with warmup + decay, global-norm clipping and a weight-decay mask."""
+"""Optax chains: AdamW with warmup + decay, global-norm clipping, and weight decay where each
+parameter declares it (`lm.model.params`)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
-import jax
 import optax
 
 from lm.config import OptimConfig
-
-# Parameters that never take weight decay: norm scales/biases, biases, embedding tables.
-_NO_DECAY = frozenset({"scale", "bias", "embed", "pos_embed"})
+from lm.model.params import decay_mask
 
 
 def learning_rate(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
@@ -43,13 +39,6 @@ def path_names(path) -> list[str]:
     return [str(getattr(p, "key", getattr(p, "name", ""))) for p in path]
 
 
-def decay_mask(params):
-    """True for parameters that take weight decay (matrices; not norms, biases, embeddings)."""
-    return jax.tree_util.tree_map_with_path(
-        lambda path, _: not (_NO_DECAY & set(path_names(path))), params
-    )
-
-
 def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransformation:
     """The run's optimizer; gradient accumulation happens in the train step, not here."""
     adamw = optax.adamw(
@@ -63,22 +52,3 @@ def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransfor
     if cfg.clip_norm > 0:
         return optax.chain(optax.clip_by_global_norm(cfg.clip_norm), adamw)
     return adamw
-
-
-def trainable_mask(params, trainable: Callable[[list[str]], bool]):
-    """True where `trainable` accepts the parameter's path names (['backbone', 'blocks', ...])."""
-    return jax.tree_util.tree_map_with_path(lambda path, _: trainable(path_names(path)), params)
-
-
-def freeze(
-    tx: optax.GradientTransformation, trainable: Callable[[list[str]], bool]
-) -> optax.GradientTransformation:
-    """`tx` on the trainable parameters only; the others get zero updates and no optimizer state.
-
-    Clipping inside `tx` then measures the trainable gradients alone.
-    """
-
-    def labels(params):
-        return jax.tree.map(lambda t: "train" if t else "frozen", trainable_mask(params, trainable))
-
-    return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
