@@ -1,5 +1,7 @@
 """Attention math against a plain numpy reference: masks, grouped-query heads, RoPE."""
 
+import typing
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,7 +9,8 @@ import pytest
 from conftest import tiny_model
 from flax import nnx
 
-from lm.model.attention import attention_mask, dot_product_attention, rope
+from lm.config import ModelConfig
+from lm.model.attention import KERNELS, attention_mask, dot_product_attention, rope
 
 
 def numpy_attention(q, k, v, segment_ids, causal):
@@ -37,6 +40,11 @@ def test_attention_matches_numpy_with_causal_and_segment_masks(implementation, k
     mask = attention_mask(jnp.asarray(segment_ids), causal)
     out = dot_product_attention(q, k, v, mask, implementation)
     expected = numpy_attention(q, k, v, segment_ids, causal)
+    np.testing.assert_allclose(np.asarray(out), expected, rtol=1e-5, atol=1e-5)
+    k_heads_major, v_heads_major = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+    out = dot_product_attention(
+        q, k_heads_major, v_heads_major, mask, implementation, heads_major=True
+    )
     np.testing.assert_allclose(np.asarray(out), expected, rtol=1e-5, atol=1e-5)
 
 
@@ -105,8 +113,13 @@ def test_gqa_with_one_kv_head_equals_mha_with_repeated_kv_weights():
     segments = jnp.ones((2, 16), jnp.int32)
     positions = jnp.broadcast_to(jnp.arange(16), (2, 16))
     np.testing.assert_allclose(
-        np.asarray(gqa(x, segments, positions)),
-        np.asarray(mha(x, segments, positions)),
+        np.asarray(gqa(x, segments, positions)[0]),
+        np.asarray(mha(x, segments, positions)[0]),
         rtol=1e-5,
         atol=1e-6,
     )
+
+
+def test_every_configurable_attention_name_has_a_kernel():
+    names = typing.get_args(typing.get_type_hints(ModelConfig)["attention"])
+    assert set(names) == set(KERNELS)

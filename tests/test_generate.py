@@ -86,15 +86,16 @@ def _cached_greedy(model, prompts, steps, mesh):
 
     @jax.jit
     def run(model, rows, pads):
-        cache = KVCache.zeros(model.cfg, rows.shape[0], length + steps)
-        h, cache = model.hidden_cached(rows, cache, jnp.int32(0), pads)
+        cache = KVCache.zeros(model.cfg, pads, length + steps)
+        step_logits, cache = model(rows, cache=cache)
+        step_logits = step_logits[:, -1]
         logits, tokens = [], []
-        for t in range(steps):
-            step_logits = model.logits(h[:, -1:])[:, 0]
+        for _ in range(steps):
             nxt = jnp.argmax(step_logits, -1).astype(jnp.int32)
             logits.append(step_logits)
             tokens.append(nxt)
-            h, cache = model.hidden_cached(nxt[:, None], cache, jnp.int32(length + t), pads)
+            step_logits, cache = model(nxt[:, None], cache=cache)
+            step_logits = step_logits[:, 0]
         return jnp.stack(logits, 1), jnp.stack(tokens, 1)
 
     with jax.set_mesh(mesh):

@@ -57,11 +57,12 @@ def test_cross_entropy_matches_numpy_and_ignores_zero_weights():
     np.testing.assert_allclose(np.asarray(z), 1e-4 * np.log(np.exp(logits).sum(-1)) ** 2, rtol=1e-5)
 
 
-def test_weight_decay_skips_norms_and_embeddings():
+def test_weight_decay_skips_norms_biases_and_embeddings():
     from flax import nnx
 
     with nnx.use_eager_sharding(False):
-        params = nnx.state(Transformer(tiny_model(tie_embeddings=False), rngs=nnx.Rngs(0)))
+        model = Transformer(tiny_model(tie_embeddings=False, bias=True), rngs=nnx.Rngs(0))
+        params = nnx.state(model)
     mask = {jax.tree_util.keystr(k): v for k, v in jax.tree.leaves_with_path(decay_mask(params))}
     assert mask["['embed'].value"] is False
     assert mask["['final_norm']['scale'].value"] is False
@@ -69,6 +70,8 @@ def test_weight_decay_skips_norms_and_embeddings():
     assert mask["['blocks']['attn']['wq'].value"] is True
     assert mask["['blocks']['mlp']['w_down'].value"] is True
     assert mask["['unembed'].value"] is True
+    assert mask["['blocks']['attn']['bq'].value"] is False
+    assert mask["['blocks']['mlp']['b_down'].value"] is False
 
 
 @pytest.mark.parametrize("schedule", ["cosine", "linear", "constant"])

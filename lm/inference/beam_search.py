@@ -172,6 +172,6 @@ def beam_step(
     seen_RxV = state.seen_BxV[rows].at[jnp.arange(rows.shape[0]), tokens_R].set(True)
     state = dataclasses.replace(state, cache=state.cache.select_rows(rows), seen_BxV=seen_RxV)
     logits_BxV, cache = forward_one(state, tokens_R)
-    state = dataclasses.replace(state, cache=cache, logits_BxV=logits_BxV, slot=state.slot + 1)
+    state = dataclasses.replace(state, cache=cache, logits_BxV=logits_BxV)
     searching = jnp.any(open_B & ~(options.stop_when_full & full_B))
     return state, search, searching

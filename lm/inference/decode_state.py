@@ -17,7 +17,5 @@ class DecodeState:
     cache: KVCache
     logits_BxV: jax.Array  # next-token logits of every row
     seen_BxV: jax.Array  # tokens in the prompt or generated so far (repetition penalty)
-    pads_B: jax.Array
-    slot: jax.Array  # cache slot the next token goes to
     done_B: jax.Array  # row produced EOS
     key: jax.Array

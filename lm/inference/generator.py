@@ -30,6 +30,7 @@ from lm.inference.beam_search import BeamOptions, BeamSearch, beam_step
 from lm.inference.decode_state import DecodeState
 from lm.inference.sampling import Sampling, choose_tokens, token_logprobs
 from lm.model.kv_cache import KVCache
+from lm.model.transformer import Transformer
 from lm.run_dir import load_run
 
 _MIN_BUCKET = 16
@@ -91,7 +92,7 @@ class Generator:
         mesh: Mesh | None = None,
         max_len: int | None = None,
     ):
-        if not hasattr(model, "hidden_cached") or not model.cfg.causal:
+        if not isinstance(model, Transformer) or not model.cfg.causal:
             raise ValueError(
                 f"{type(model).__name__} is not a causal language model; generation needs a "
                 "run trained with objective clm (a Transformer)."
@@ -142,20 +143,18 @@ class Generator:
         self.compiles += 1
         model = nnx.merge(self.graphdef, params)
         batch, length = tokens_BxP.shape
-        cache = KVCache.zeros(self.cfg, batch, slots)
-        h_BxPxD, cache = model.hidden_cached(tokens_BxP, cache, jnp.int32(0), pads_B)
-        logits_BxV = model.logits(h_BxPxD[:, -1:])[:, 0]
+        cache = KVCache.zeros(self.cfg, pads_B, slots)
+        h_BxPxD, cache = model.hidden(tokens_BxP, cache=cache)
+        logits_BxV = model.logits(h_BxPxD[:, -1:])[:, 0]  # only the last token's are needed
         real_BxP = jnp.arange(length)[None] >= pads_B[:, None]
         seen_BxV = jnp.zeros(logits_BxV.shape, bool)
         seen_BxV = seen_BxV.at[jnp.arange(batch)[:, None], tokens_BxP].max(real_BxP)
         done_B = jnp.zeros((batch,), bool)
-        return DecodeState(cache, logits_BxV, seen_BxV, pads_B, jnp.int32(length), done_B, key)
+        return DecodeState(cache, logits_BxV, seen_BxV, done_B, key)
 
     def _forward_one(self, model, state: DecodeState, tokens_B: jax.Array):
-        h_Bx1xD, cache = model.hidden_cached(
-            tokens_B[:, None], state.cache, state.slot, state.pads_B
-        )
-        return model.logits(h_Bx1xD)[:, 0], cache
+        logits_Bx1xV, cache = model(tokens_B[:, None], cache=state.cache)
+        return logits_Bx1xV[:, 0], cache
 
     def _step_fn(self, params, state: DecodeState, sampling: Sampling, *, greedy: bool):
         self.compiles += 1
@@ -166,15 +165,8 @@ class Generator:
         logprobs_B = token_logprobs(state.logits_BxV, tokens_B)
         seen_BxV = state.seen_BxV.at[jnp.arange(tokens_B.shape[0]), tokens_B].set(True)
         logits_BxV, cache = self._forward_one(model, state, tokens_B)
-        state = DecodeState(
-            cache,
-            logits_BxV,
-            seen_BxV,
-            state.pads_B,
-            state.slot + 1,
-            state.done_B | (tokens_B == self._stop_id),
-            key,
-        )
+        done_B = state.done_B | (tokens_B == self._stop_id)
+        state = DecodeState(cache, logits_BxV, seen_BxV, done_B, key)
         return state, tokens_B, logprobs_B
 
     def _beam_step_fn(self, params, state: DecodeState, search: BeamSearch, options: BeamOptions):

@@ -3,9 +3,16 @@
 Grouped-query attention shares each key/value head across `num_heads / num_kv_heads` query
 heads. Rotary position embeddings (RoPE) rotate queries and keys by their positions. The mask
 combines causality with `segment_ids`, so documents packed into one row never see each other.
+With a KV cache (generation), new tokens instead attend to the cached ones. The attention
+itself is a kernel chosen by name (`ModelConfig.attention`) from `KERNELS`; a new one is a
+function registered with `register_kernel`.
 """
 
 from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -13,8 +20,9 @@ import numpy as np
 from flax import nnx
 
 from lm.config import ModelConfig
-from lm.model.kv_cache import KVCache
+from lm.model.kv_cache import LayerCache
 from lm.model.linear import dense
+from lm.model.params import param
 from lm.runtime.mesh import constrain
 
 _NEG_INF = -1e30  # large finite negative: exp() underflows to 0 without producing NaN rows
@@ -66,46 +74,56 @@ def attention_mask(segment_ids_BxL: jax.Array, causal: bool) -> jax.Array:
     return same_BxLxL[:, None]
 
 
-def dot_product_attention(
-    q_BxLxHxK: jax.Array,
-    k_BxSxGxK: jax.Array,
-    v_BxSxGxK: jax.Array,
-    mask_Bx1xLxS: jax.Array,
-    implementation: str,
+class Kernel(NamedTuple):
+    """An attention implementation: out [B, L, H, K] = fn(q [B, L, H, K], k, v, mask [B, 1, L, S]).
+
+    Keys and values arrive in the layout the kernel reads without a copy: heads-major [B, G, S, K]
+    when `heads_major`, else sequence-major [B, S, G, K].
+    """
+
+    fn: Callable[[jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]
+    heads_major: bool
+
+
+# `ModelConfig.attention` names one of these.
+KERNELS: dict[str, Kernel] = {}
+
+
+def register_kernel(name: str, *, heads_major: bool) -> Callable[[Callable], Callable]:
+    """Decorator: make the decorated function the attention kernel called `name`."""
+
+    def register(fn):
+        KERNELS[name] = Kernel(fn, heads_major)
+        return fn
+
+    return register
+
+
+@register_kernel("xla", heads_major=False)
+def xla_attention(
+    q_BxLxHxK: jax.Array, k_BxSxGxK: jax.Array, v_BxSxGxK: jax.Array, mask_Bx1xLxS: jax.Array
 ) -> jax.Array:
-    """softmax(QKᵀ/√d_k)V with G key/value heads shared by H query heads."""
-    if implementation in ("xla", "cudnn"):
-        return jax.nn.dot_product_attention(
-            q_BxLxHxK, k_BxSxGxK, v_BxSxGxK, mask=mask_Bx1xLxS, implementation=implementation
-        )
-    return _heads_major_attention(
-        q_BxLxHxK, k_BxSxGxK.transpose(0, 2, 1, 3), v_BxSxGxK.transpose(0, 2, 1, 3), mask_Bx1xLxS
+    """`jax.nn.dot_product_attention`'s XLA implementation."""
+    return jax.nn.dot_product_attention(
+        q_BxLxHxK, k_BxSxGxK, v_BxSxGxK, mask=mask_Bx1xLxS, implementation="xla"
     )
 
 
-def cached_attention(
-    q_BxLxHxK: jax.Array,
-    k_BxGxSxK: jax.Array,
-    v_BxGxSxK: jax.Array,
-    mask_Bx1xLxS: jax.Array,
-    implementation: str,
+@register_kernel("cudnn", heads_major=False)
+def cudnn_attention(
+    q_BxLxHxK: jax.Array, k_BxSxGxK: jax.Array, v_BxSxGxK: jax.Array, mask_Bx1xLxS: jax.Array
 ) -> jax.Array:
-    """`dot_product_attention` on a KV cache's heads-major keys and values (see `KVCache`)."""
-    if implementation in ("xla", "cudnn"):
-        return jax.nn.dot_product_attention(
-            q_BxLxHxK,
-            k_BxGxSxK.transpose(0, 2, 1, 3),
-            v_BxGxSxK.transpose(0, 2, 1, 3),
-            mask=mask_Bx1xLxS,
-            implementation=implementation,
-        )
-    return _heads_major_attention(q_BxLxHxK, k_BxGxSxK, v_BxGxSxK, mask_Bx1xLxS)
+    """cuDNN's fused attention (NVIDIA GPUs only)."""
+    return jax.nn.dot_product_attention(
+        q_BxLxHxK, k_BxSxGxK, v_BxSxGxK, mask=mask_Bx1xLxS, implementation="cudnn"
+    )
 
 
-def _heads_major_attention(
+@register_kernel("math", heads_major=True)
+def math_attention(
     q_BxLxHxK: jax.Array, k_BxGxSxK: jax.Array, v_BxGxSxK: jax.Array, mask_Bx1xLxS: jax.Array
 ) -> jax.Array:
-    """The explicit ('math') attention on heads-major keys and values."""
+    """Explicit einsums on heads-major keys and values."""
     batch, length, heads, head_dim = q_BxLxHxK.shape
     groups = k_BxGxSxK.shape[1]
     rep = heads // groups
@@ -131,6 +149,24 @@ def _heads_major_attention(
     )
 
 
+def dot_product_attention(
+    q_BxLxHxK: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    mask_Bx1xLxS: jax.Array,
+    implementation: str,
+    *,
+    heads_major: bool = False,
+) -> jax.Array:
+    """softmax(QKᵀ/√d_k)V with G key/value heads shared by H query heads, by the kernel named
+    `implementation`; keys and values are [B, G, S, K] if `heads_major` (a `KVCache`'s layout),
+    else [B, S, G, K]."""
+    kernel = KERNELS[implementation]
+    if kernel.heads_major != heads_major:
+        k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+    return kernel.fn(q_BxLxHxK, k, v, mask_Bx1xLxS)
+
+
 class Attention(nnx.Module):
     """Multi-head (or grouped-query) self-attention with optional RoPE."""
 
@@ -142,23 +178,42 @@ class Attention(nnx.Module):
         # with depth (GPT-2's 1/sqrt(2 * layers) scaling).
         out_init = nnx.initializers.normal(cfg.init_std / (2 * cfg.num_layers) ** 0.5)
         pdt = jnp.dtype(cfg.param_dtype)
-        self.wq = nnx.Param(
-            init(rngs.params(), (d, h, k), pdt), out_sharding=("embed", "heads", "kv")
+        # Projections are stored per head: [D, H, K] in (one input axis, two output axes),
+        # [H, K, D] out (two input axes, one output axis), as their LoRA role says.
+        self.wq = param(
+            init(rngs.params(), (d, h, k), pdt),
+            ("embed", "heads", "kv"),
+            decay=True,
+            group="block",
+            lora=(1, 2),
         )
-        self.wk = nnx.Param(
-            init(rngs.params(), (d, g, k), pdt), out_sharding=("embed", "kv_heads", "kv")
+        self.wk = param(
+            init(rngs.params(), (d, g, k), pdt),
+            ("embed", "kv_heads", "kv"),
+            decay=True,
+            group="block",
+            lora=(1, 2),
         )
-        self.wv = nnx.Param(
-            init(rngs.params(), (d, g, k), pdt), out_sharding=("embed", "kv_heads", "kv")
+        self.wv = param(
+            init(rngs.params(), (d, g, k), pdt),
+            ("embed", "kv_heads", "kv"),
+            decay=True,
+            group="block",
+            lora=(1, 2),
         )
-        self.wo = nnx.Param(
-            out_init(rngs.params(), (h, k, d), pdt), out_sharding=("heads", "kv", "embed")
+        self.wo = param(
+            out_init(rngs.params(), (h, k, d), pdt),
+            ("heads", "kv", "embed"),
+            decay=True,
+            group="block",
+            lora=(2, 1),
         )
         if cfg.bias:
-            self.bq = nnx.Param(jnp.zeros((h, k), pdt), out_sharding=("heads", "kv"))
-            self.bk = nnx.Param(jnp.zeros((g, k), pdt), out_sharding=("kv_heads", "kv"))
-            self.bv = nnx.Param(jnp.zeros((g, k), pdt), out_sharding=("kv_heads", "kv"))
-            self.bo = nnx.Param(jnp.zeros((d,), pdt), out_sharding=("embed",))
+            bias = functools.partial(param, decay=False, group="block")
+            self.bq = bias(jnp.zeros((h, k), pdt), ("heads", "kv"))
+            self.bk = bias(jnp.zeros((g, k), pdt), ("kv_heads", "kv"))
+            self.bv = bias(jnp.zeros((g, k), pdt), ("kv_heads", "kv"))
+            self.bo = bias(jnp.zeros((d,), pdt), ("embed",))
 
     def _qkv(
         self, x_BxLxD: jax.Array, positions_BxL: jax.Array
@@ -194,27 +249,22 @@ class Attention(nnx.Module):
         segment_ids_BxL: jax.Array,
         positions_BxL: jax.Array,
         causal: bool = True,
-    ) -> jax.Array:
-        q_BxLxHxK, k_BxLxGxK, v_BxLxGxK = self._qkv(x_BxLxD, positions_BxL)
-        mask = attention_mask(segment_ids_BxL, causal)
-        out_BxLxHxK = dot_product_attention(
-            q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, mask, self.cfg.attention
-        )
-        return self._out(out_BxLxHxK)
+        cache: LayerCache | None = None,
+    ) -> tuple[jax.Array, LayerCache | None]:
+        """(output [B, L, D], cache) for L tokens.
 
-    def decode(
-        self,
-        x_BxLxD: jax.Array,
-        positions_BxL: jax.Array,
-        cache: KVCache,
-        layer: int | jax.Array,
-        start: jax.Array,
-        mask_Bx1xLxS: jax.Array,
-    ) -> tuple[jax.Array, KVCache]:
-        """Attend L new tokens to `layer`'s cache after writing their keys/values at `start`."""
+        Without a cache, tokens attend within their segment (and to earlier tokens if `causal`).
+        With one, their keys and values are written into it and they attend to the cached ones
+        allowed by its mask; `segment_ids_BxL` and `causal` are then unused.
+        """
+        impl = self.cfg.attention
         q_BxLxHxK, k_BxLxGxK, v_BxLxGxK = self._qkv(x_BxLxD, positions_BxL)
-        cache, k_BxGxSxK, v_BxGxSxK = cache.update(layer, start, k_BxLxGxK, v_BxLxGxK)
-        out_BxLxHxK = cached_attention(
-            q_BxLxHxK, k_BxGxSxK, v_BxGxSxK, mask_Bx1xLxS, self.cfg.attention
-        )
+        if cache is None:
+            mask_Bx1xLxL = attention_mask(segment_ids_BxL, causal)
+            out_BxLxHxK = dot_product_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, mask_Bx1xLxL, impl)
+        else:
+            cache, k_BxGxSxK, v_BxGxSxK = cache.update(k_BxLxGxK, v_BxLxGxK)
+            out_BxLxHxK = dot_product_attention(
+                q_BxLxHxK, k_BxGxSxK, v_BxGxSxK, cache.mask_Bx1xLxS, impl, heads_major=True
+            )
         return self._out(out_BxLxHxK), cache

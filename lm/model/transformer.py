@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -11,8 +12,9 @@ from flax import nnx
 
 from lm.config import ModelConfig
 from lm.model.attention import Attention
-from lm.model.kv_cache import KVCache, decode_mask
+from lm.model.kv_cache import KVCache, LayerCache
 from lm.model.linear import dense
+from lm.model.params import param
 from lm.runtime.mesh import constrain
 
 _REMAT_POLICIES: dict[str, Any] = {
@@ -25,12 +27,13 @@ _REMAT_POLICIES: dict[str, Any] = {
 class Norm(nnx.Module):
     """RMSNorm or LayerNorm over the last axis, computed in float32."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, *, group: str):
         self.kind, self.eps = cfg.norm, cfg.norm_eps
         pdt = jnp.dtype(cfg.param_dtype)
-        self.scale = nnx.Param(jnp.ones((cfg.d_model,), pdt), out_sharding=("norm",))
+        d = cfg.d_model
+        self.scale = param(jnp.ones((d,), pdt), ("norm",), decay=False, group=group)
         if cfg.norm == "layernorm":
-            self.bias = nnx.Param(jnp.zeros((cfg.d_model,), pdt), out_sharding=("norm",))
+            self.bias = param(jnp.zeros((d,), pdt), ("norm",), decay=False, group=group)
 
     def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
         x = x_BxLxD.astype(jnp.float32)
@@ -50,15 +53,17 @@ class Mlp(nnx.Module):
         d, f, pdt = cfg.d_model, cfg.d_ff, jnp.dtype(cfg.param_dtype)
         init = nnx.initializers.normal(cfg.init_std)
         out_init = nnx.initializers.normal(cfg.init_std / (2 * cfg.num_layers) ** 0.5)
+        matrix = functools.partial(param, decay=True, group="block", lora=(1, 1))
+        bias = functools.partial(param, decay=False, group="block")
         if cfg.mlp == "swiglu":
-            self.w_gate = nnx.Param(init(rngs.params(), (d, f), pdt), out_sharding=("embed", "mlp"))
-        self.w_up = nnx.Param(init(rngs.params(), (d, f), pdt), out_sharding=("embed", "mlp"))
-        self.w_down = nnx.Param(out_init(rngs.params(), (f, d), pdt), out_sharding=("mlp", "embed"))
+            self.w_gate = matrix(init(rngs.params(), (d, f), pdt), ("embed", "mlp"))
+        self.w_up = matrix(init(rngs.params(), (d, f), pdt), ("embed", "mlp"))
+        self.w_down = matrix(out_init(rngs.params(), (f, d), pdt), ("mlp", "embed"))
         if cfg.bias:
             if cfg.mlp == "swiglu":
-                self.b_gate = nnx.Param(jnp.zeros((f,), pdt), out_sharding=("mlp",))
-            self.b_up = nnx.Param(jnp.zeros((f,), pdt), out_sharding=("mlp",))
-            self.b_down = nnx.Param(jnp.zeros((d,), pdt), out_sharding=("embed",))
+                self.b_gate = bias(jnp.zeros((f,), pdt), ("mlp",))
+            self.b_up = bias(jnp.zeros((f,), pdt), ("mlp",))
+            self.b_down = bias(jnp.zeros((d,), pdt), ("embed",))
 
     def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
         cfg = self.cfg
@@ -91,38 +96,44 @@ class Block(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
-        self.attn_norm = Norm(cfg)
+        self.attn_norm = Norm(cfg, group="block")
         self.attn = Attention(cfg, rngs=rngs)
-        self.mlp_norm = Norm(cfg)
+        self.mlp_norm = Norm(cfg, group="block")
         self.mlp = Mlp(cfg, rngs=rngs)
 
-    def __call__(self, x_BxLxD, segment_ids_BxL, positions_BxL, causal, key):
+    def __call__(
+        self,
+        x_BxLxD: jax.Array,
+        segment_ids_BxL: jax.Array,
+        positions_BxL: jax.Array,
+        causal: bool = True,
+        key: jax.Array | None = None,
+        cache: LayerCache | None = None,
+    ) -> tuple[jax.Array, LayerCache | None]:
+        """(output [B, L, D], cache); `key` drives dropout, `cache` as in `Attention`."""
         keys = (None, None) if key is None else tuple(jax.random.split(key))
-        attend = lambda x: self.attn(x, segment_ids_BxL, positions_BxL, causal)
-        x_BxLxD = self._residual(x_BxLxD, self.attn_norm, attend, keys[0])
-        x_BxLxD = self._residual(x_BxLxD, self.mlp_norm, self.mlp, keys[1])
-        return constrain(x_BxLxD, ("act_batch", "act_length", "act_embed"))
+        attended_BxLxD, cache = self.attn(
+            self._sublayer_input(x_BxLxD, self.attn_norm),
+            segment_ids_BxL,
+            positions_BxL,
+            causal,
+            cache,
+        )
+        x_BxLxD = self._add_residual(x_BxLxD, attended_BxLxD, self.attn_norm, keys[0])
+        mlp_BxLxD = self.mlp(self._sublayer_input(x_BxLxD, self.mlp_norm))
+        x_BxLxD = self._add_residual(x_BxLxD, mlp_BxLxD, self.mlp_norm, keys[1])
+        return constrain(x_BxLxD, ("act_batch", "act_length", "act_embed")), cache
 
-    def _residual(self, x_BxLxD, norm, sublayer, key):
-        rate = self.cfg.dropout
-        if self.cfg.norm_position == "post":
-            return norm(x_BxLxD + dropout(sublayer(x_BxLxD), rate, key).astype(x_BxLxD.dtype))
-        return x_BxLxD + dropout(sublayer(norm(x_BxLxD)), rate, key).astype(x_BxLxD.dtype)
+    def _sublayer_input(self, x_BxLxD: jax.Array, norm: Norm) -> jax.Array:
+        return x_BxLxD if self.cfg.norm_position == "post" else norm(x_BxLxD)
 
-    def decode(self, x_BxLxD, positions_BxL, cache, layer, start, mask_Bx1xLxS):
-        """The block on L new tokens whose keys/values go into `cache` at slot `start`."""
-        # `_residual` takes a plain sublayer x -> y; the box carries the updated cache out of it.
-        box = {"cache": cache}
-
-        def attend(x):
-            out, box["cache"] = self.attn.decode(
-                x, positions_BxL, box["cache"], layer, start, mask_Bx1xLxS
-            )
-            return out
-
-        x_BxLxD = self._residual(x_BxLxD, self.attn_norm, attend, None)
-        x_BxLxD = self._residual(x_BxLxD, self.mlp_norm, self.mlp, None)
-        return constrain(x_BxLxD, ("act_batch", "act_length", "act_embed")), box["cache"]
+    def _add_residual(
+        self, x_BxLxD: jax.Array, y_BxLxD: jax.Array, norm: Norm, key: jax.Array | None
+    ) -> jax.Array:
+        """x + dropout(y), normalized after the sum for post-norm (normalized before the
+        sublayer for pre-norm: `_sublayer_input`)."""
+        x_BxLxD = x_BxLxD + dropout(y_BxLxD, self.cfg.dropout, key).astype(x_BxLxD.dtype)
+        return norm(x_BxLxD) if self.cfg.norm_position == "post" else x_BxLxD
 
 
 def abstract_split(make: Callable[[], nnx.Module]) -> tuple[nnx.GraphDef, nnx.State]:
@@ -162,34 +173,36 @@ class Transformer(nnx.Module):
         self.cfg = cfg
         pdt = jnp.dtype(cfg.param_dtype)
         embed_init = nnx.initializers.normal(cfg.init_std)
-        self.embed = nnx.Param(
-            embed_init(rngs.params(), (cfg.vocab_size, cfg.d_model), pdt),
-            out_sharding=("vocab", "embed"),
+        table = functools.partial(param, decay=False, group="embedding")
+        self.embed = table(
+            embed_init(rngs.params(), (cfg.vocab_size, cfg.d_model), pdt), ("vocab", "embed")
         )
         if cfg.position == "learned":
-            self.pos_embed = nnx.Param(
+            self.pos_embed = table(
                 embed_init(rngs.params(), (cfg.max_seq_len, cfg.d_model), pdt),
-                out_sharding=("position", "embed"),
+                ("position", "embed"),
             )
         if cfg.type_vocab_size:
-            self.type_embed = nnx.Param(
+            self.type_embed = table(
                 embed_init(rngs.params(), (cfg.type_vocab_size, cfg.d_model), pdt),
-                out_sharding=(None, "embed"),
+                (None, "embed"),
             )
         if cfg.embed_norm:
-            self.embed_norm = Norm(cfg)
+            self.embed_norm = Norm(cfg, group="embedding")
         if cfg.scan_layers:
             self.blocks = _stacked_blocks(cfg, rngs.params(), cfg.num_layers)
         else:
             self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
         if cfg.norm_position == "pre":  # post-norm blocks already end in a norm
-            self.final_norm = Norm(cfg)
+            self.final_norm = Norm(cfg, group="final_norm")
         if not cfg.tie_embeddings:
             # Stored [vocab, d_model] like the embedding: XLA:CPU runs the larger backward
             # product (dlogits @ W) ~20% faster without a transposed operand.
-            self.unembed = nnx.Param(
+            self.unembed = param(
                 embed_init(rngs.params(), (cfg.vocab_size, cfg.d_model), pdt),
-                out_sharding=("vocab", "embed"),
+                ("vocab", "embed"),
+                decay=True,
+                group="unembed",
             )
 
     def hidden(
@@ -201,27 +214,40 @@ class Transformer(nnx.Module):
         causal: bool | None = None,
         dropout_key: jax.Array | None = None,
         token_types_BxL: jax.Array | None = None,
-    ) -> jax.Array:
+        cache: KVCache | None = None,
+    ) -> jax.Array | tuple[jax.Array, KVCache]:
         """Final-norm hidden states [B, L, D] for token ids; packed rows pass segments/positions.
 
         `causal` defaults to the config's: False makes a bidirectional encoder, whose tokens
         still attend only within their own segment.
+
+        With a `cache` (generation), the tokens are every row's next L: positions and the
+        causal mask come from the cache, their keys and values are written into it, and the
+        result is (hidden states, the cache advanced by L).
         """
         cfg = self.cfg
         causal = cfg.causal if causal is None else causal
+        length = tokens_BxL.shape[1]
+        mask_Bx1xLxS = None
+        if cache is not None:
+            if segment_ids_BxL is not None or positions_BxL is not None:
+                raise ValueError("With a cache, positions and the mask come from the cache.")
+            positions_BxL = cache.positions(length)
+            mask_Bx1xLxS = cache.mask(length)
         if segment_ids_BxL is None:
             segment_ids_BxL = jnp.ones_like(tokens_BxL)
         if positions_BxL is None:
-            positions_BxL = jnp.broadcast_to(jnp.arange(tokens_BxL.shape[1]), tokens_BxL.shape)
+            positions_BxL = jnp.broadcast_to(jnp.arange(length), tokens_BxL.shape)
         x_BxLxD = self.embed_tokens(tokens_BxL, positions_BxL, token_types_BxL)
         keys = None if dropout_key is None else jax.random.split(dropout_key, cfg.num_layers + 1)
         if keys is not None:
             x_BxLxD = dropout(x_BxLxD, cfg.dropout, keys[-1])
 
-        def run_block(graphdef, params, x, key):
-            return nnx.merge(graphdef, params)(x, segment_ids_BxL, positions_BxL, causal, key)
+        def run_block(graphdef, params, x, key, layer_cache):
+            block = nnx.merge(graphdef, params)
+            return block(x, segment_ids_BxL, positions_BxL, causal, key, layer_cache)
 
-        if cfg.remat != "none":
+        if cfg.remat != "none" and cache is None:  # decoding has no backward pass to remat for
             # CSE prevention is only unnecessary inside scan, whose loop boundary blocks it.
             run_block = jax.checkpoint(
                 run_block,
@@ -229,49 +255,34 @@ class Transformer(nnx.Module):
                 prevent_cse=not cfg.scan_layers,
                 static_argnums=0,
             )
+
+        def run_layer(graphdef, params, x, key, cache, layer):
+            """Block `layer`, reading and writing its part of `cache` if there is one."""
+            layer_cache = None if cache is None else LayerCache(cache, layer, mask_Bx1xLxS)
+            x, layer_cache = run_block(graphdef, params, x, key, layer_cache)
+            return x, None if layer_cache is None else layer_cache.cache
+
         if cfg.scan_layers:
             graphdef, stacked = nnx.split(self.blocks)
             layer_keys = None if keys is None else keys[:-1]
+            # Layer numbers index the stacked cache (the carry) without slicing it per layer.
+            layers = None if cache is None else jnp.arange(cfg.num_layers)
 
-            def body(x, layer):
-                params, key = layer
-                return run_block(graphdef, params, x, key), None
+            def body(carry, xs):
+                x, cache = carry
+                params, key, layer = xs
+                return run_layer(graphdef, params, x, key, cache, layer), None
 
-            x_BxLxD, _ = jax.lax.scan(body, x_BxLxD, (stacked, layer_keys))
+            (x_BxLxD, cache), _ = jax.lax.scan(
+                body, (x_BxLxD, cache), (stacked, layer_keys, layers)
+            )
         else:
             for i, block in enumerate(self.blocks):
                 graphdef, params = nnx.split(block)
-                x_BxLxD = run_block(graphdef, params, x_BxLxD, None if keys is None else keys[i])
-        return self.final_norm(x_BxLxD) if cfg.norm_position == "pre" else x_BxLxD
-
-    def hidden_cached(
-        self, tokens_BxL: jax.Array, cache: KVCache, start: jax.Array, pads_B: jax.Array
-    ) -> tuple[jax.Array, KVCache]:
-        """Causal hidden states [B, L, D] of L tokens at cache slots start..start+L-1, using and
-        extending `cache`; row b is left-padded by `pads_B[b]` slots, so its positions start there.
-        """
-        cfg = self.cfg
-        length = tokens_BxL.shape[1]
-        positions_BxL = jnp.maximum(start + jnp.arange(length)[None] - pads_B[:, None], 0)
-        mask_Bx1xLxS = decode_mask(pads_B, start, length, cache.slots)
-        x_BxLxD = self.embed_tokens(tokens_BxL, positions_BxL)
-        if cfg.scan_layers:
-            graphdef, stacked = nnx.split(self.blocks)
-
-            def body(carry, params):
-                x, cache, layer = carry
-                block = nnx.merge(graphdef, params)
-                x, cache = block.decode(x, positions_BxL, cache, layer, start, mask_Bx1xLxS)
-                return (x, cache, layer + 1), None
-
-            (x_BxLxD, cache, _), _ = jax.lax.scan(body, (x_BxLxD, cache, 0), stacked)
-        else:
-            for layer, block in enumerate(self.blocks):
-                x_BxLxD, cache = block.decode(
-                    x_BxLxD, positions_BxL, cache, layer, start, mask_Bx1xLxS
-                )
+                key = None if keys is None else keys[i]
+                x_BxLxD, cache = run_layer(graphdef, params, x_BxLxD, key, cache, i)
         h_BxLxD = self.final_norm(x_BxLxD) if cfg.norm_position == "pre" else x_BxLxD
-        return h_BxLxD, cache
+        return h_BxLxD if cache is None else (h_BxLxD, cache.advance(length))
 
     def embed_tokens(
         self,
@@ -304,5 +315,19 @@ class Transformer(nnx.Module):
         logits_BxLxV = dense(h_BxLxD, w_DxV, dt, out_dtype=jnp.float32)
         return constrain(logits_BxLxV, ("act_batch", "act_length", "act_vocab"))
 
-    def __call__(self, tokens_BxL, segment_ids_BxL=None, positions_BxL=None, **kwargs) -> jax.Array:
-        return self.logits(self.hidden(tokens_BxL, segment_ids_BxL, positions_BxL, **kwargs))
+    def __call__(
+        self,
+        tokens_BxL: jax.Array,
+        segment_ids_BxL: jax.Array | None = None,
+        positions_BxL: jax.Array | None = None,
+        *,
+        cache: KVCache | None = None,
+        **kwargs,
+    ) -> jax.Array | tuple[jax.Array, KVCache]:
+        """float32 logits [B, L, V] of `hidden` (same arguments); with a cache, (logits, cache)."""
+        if cache is None:
+            return self.logits(self.hidden(tokens_BxL, segment_ids_BxL, positions_BxL, **kwargs))
+        h_BxLxD, cache = self.hidden(
+            tokens_BxL, segment_ids_BxL, positions_BxL, cache=cache, **kwargs
+        )
+        return self.logits(h_BxLxD), cache
