@@ -17,7 +17,7 @@ class ConfigError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """Decoder-only Transformer shape and numerics."""
+    """Transformer shape and numerics: a causal decoder, or a bidirectional encoder (`causal`)."""
 
     vocab_size: int = 1024
     d_model: int = 256

@@ -1,4 +1,6 @@
-"""Decoder-only Transformer: embeddings, pre-norm residual blocks (scanned), output head."""
+"""The Transformer: embeddings, residual blocks (scanned or unrolled), output logits; a causal
+decoder or, with `causal=False`, a bidirectional encoder. One forward path, with an optional KV
+cache for decoding."""
 
 from __future__ import annotations
 
