@@ -84,3 +84,15 @@ def test_console_script_exits_2_on_unknown_key():
     )
     assert result.returncode == 2
     assert "Unknown config key 'train.stepz'; did you mean 'train.steps'?" in result.stderr
+
+
+def test_yaml_syntax_error_names_file_line_and_column(tmp_path, capsys):
+    from lm.cli import main
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  d_model: 32\n   vocab_size: 3\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml is not valid YAML at line 3, column 14: "):
+        load_config(bad)
+    assert main(["pretrain", "--config", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "line 3, column 14" in err

@@ -171,3 +171,24 @@ def test_units_split_whole_files_and_log_skipped_empty_units(tmp_path, caplog):
         paragraphs = [u for doc in by_file[split] for u in doc.rstrip("\n").split("\n\n")]
         assert by_paragraph[split] == paragraphs
     assert len(by_line["train"]) + len(by_line["validation"]) == 30
+
+
+def test_a_missing_column_is_named_by_file_and_line(tmp_path):
+    lines = [json.dumps({"text": f"t{i}", "label": "a"}) for i in range(30)]
+    lines[20] = json.dumps({"text": "no label here"})  # file line 21
+    path = tmp_path / "r.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    splits = local_records(str(path), 0.2)
+    records = (
+        splits["train"] if any("label" not in r for r in splits["train"]) else splits["validation"]
+    )
+    message = f"{path} line 21 has no column 'label'."
+    with pytest.raises(ValueError, match=re.escape(message)):
+        require_columns(records, ["text", "label"], str(path))
+
+
+def test_csv_records_know_their_line(tmp_path):
+    path = tmp_path / "r.csv"
+    path.write_text('text,label\n"two\nlines",a\nplain,b\n')
+    records = _all(local_records(str(path), 0.5))
+    assert sorted(r.where for r in records) == [f"{path} line 2", f"{path} line 4"]

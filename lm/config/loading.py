@@ -93,6 +93,27 @@ def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def _read_yaml(path: Path) -> Any:
+    """The YAML document in `path`, or ConfigError naming the file, line and column of a syntax
+    error (or why the file cannot be read)."""
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as error:
+        reason = error.strerror if isinstance(error, OSError) else "it is not UTF-8 text"
+        raise ConfigError(
+            f"Config file {path} cannot be read ({reason}); pass a YAML file."
+        ) from None
+    try:
+        return yaml.safe_load(text) or {}
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "somewhere"
+        problem = getattr(error, "problem", None) or "invalid YAML"
+        raise ConfigError(
+            f"Config file {path} is not valid YAML at {where}: {problem}; fix the file."
+        ) from None
+
+
 def load_config(
     path: str | Path | None = None,
     overrides: list[str] | tuple[str, ...] = (),
@@ -120,7 +141,7 @@ def build_config(
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"Config file {path} does not exist; pass a YAML file from configs/.")
-        tree = yaml.safe_load(path.read_text()) or {}
+        tree = _read_yaml(path)
         if not isinstance(tree, dict):
             raise ConfigError(f"Config file {path} must hold a mapping of sections, not {tree!r}.")
         for key, value in _flatten(tree).items():

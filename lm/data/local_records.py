@@ -19,6 +19,21 @@ from lm.data.sources import hold_out, read_utf8
 EXTENSIONS = (".jsonl", ".csv")
 
 
+class Record(dict):
+    """A record's columns, plus `where` it was read from ('FILE line N'), for error messages."""
+
+    __slots__ = ("where",)
+
+    def __init__(self, columns: dict[str, Any], where: str):
+        super().__init__(columns)
+        self.where = where
+
+
+def record_name(record: dict[str, Any], index: int) -> str:
+    """How an error names `record`: its file and line when it came from one, else its index."""
+    return getattr(record, "where", f"Record {index}")
+
+
 def canonical_json(record: dict[str, Any]) -> str:
     """One spelling per record: sorted keys, no spaces, non-ASCII kept as is."""
     return json.dumps(record, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
@@ -51,7 +66,7 @@ def _jsonl_records(path: Path, text: str) -> list[dict[str, Any]]:
         if not isinstance(record, dict):
             kind = type(record).__name__
             raise ValueError(f"{path} line {number} is a JSON {kind}, not an object.")
-        records.append(record)
+        records.append(Record(record, f"{path} line {number}"))
     return records
 
 
@@ -74,7 +89,7 @@ def _csv_records(path: Path, text: str) -> list[dict[str, str]]:
                 f"{path} line {start} has {len(row)} fields but the header has {len(header)}."
             )
         else:
-            records.append(dict(zip(header, row, strict=True)))
+            records.append(Record(dict(zip(header, row, strict=True)), f"{path} line {start}"))
     return records
 
 
@@ -116,4 +131,5 @@ def require_columns(records: Sequence[dict[str, Any]], columns: Sequence[str], s
     for index, record in enumerate(records):
         for column in columns:
             if column not in record:
-                raise ValueError(f"Record {index} of {source} has no column '{column}'.")
+                name = getattr(record, "where", f"Record {index} of {source}")
+                raise ValueError(f"{name} has no column '{column}'.")

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lm.config import Config, FinetuneConfig
+from lm.data.local_records import record_name
 from lm.data.tokenizer import TextTokenizer
 from lm.evaluation import task_metrics
 from lm.model.heads import pooled_model
@@ -72,12 +73,12 @@ class Regression:
         return jnp.sum(squared_BxT), metrics
 
 
-def _number(value: object, column: str, index: int) -> float:
+def _number(value: object, column: str, where: str) -> float:
     try:
         return float(value)
     except (TypeError, ValueError):
         raise ValueError(
-            f"Record {index}: column '{column}' holds {value!r}, not a number; fix or drop it."
+            f"{where}: column '{column}' holds {value!r}, not a number; fix or drop it."
         ) from None
 
 
@@ -89,7 +90,8 @@ class RegressionTask(Task):
     hf_problem_type = "regression"
 
     def reference(self, f: FinetuneConfig, record: dict, index: int) -> object:
-        return [_number(record[c], c, index) for c in f.label_column.split(",")]
+        where = record_name(record, index)
+        return [_number(record[c], c, where) for c in f.label_column.split(",")]
 
     def encode(self, cfg: Config, tokenizer: TextTokenizer, examples):
         inputs, targets = examples
