@@ -12,6 +12,10 @@
 #                     before they are killed (default 30)
 # Every process shares this terminal; only process 0 prints progress. The exit status is that
 # of the first process to fail (0 if all succeed).
+#
+# SIGTERM or Ctrl-C to this script is passed to every process as SIGTERM: they agree on a step,
+# checkpoint it and exit 0 (this script then exits 0, or 130 after Ctrl-C). A second Ctrl-C
+# kills them at once.
 set -euo pipefail
 
 if [[ $# -lt 2 || ! $1 =~ ^[1-9][0-9]*$ ]]; then
@@ -37,7 +41,23 @@ cleanup() {
   for pid in "${workers[@]}" $watchdog; do kill "$pid" 2>/dev/null || true; done
 }
 trap cleanup EXIT
-trap 'exit 143' TERM INT
+stopping=0 interrupted=0
+stop_workers() {
+  ((stopping)) && return
+  stopping=1
+  kill -TERM "${workers[@]}" 2>/dev/null || true
+}
+on_interrupt() {
+  if ((interrupted)); then
+    kill -KILL "${workers[@]}" 2>/dev/null || true
+    exit 130
+  fi
+  interrupted=1
+  # The workers ignore SIGINT (background jobs of a script), so Ctrl-C reaches them only this way.
+  stop_workers
+}
+trap stop_workers TERM
+trap on_interrupt INT
 
 for ((i = 0; i < num; i++)); do
   LM_PROCESS_ID=$i "$@" &
@@ -47,8 +67,9 @@ done
 status=0
 running=("${workers[@]}")
 while ((${#running[@]})); do
-  code=0
+  code=0 finished=
   wait -n -p finished "${running[@]}" || code=$?
+  [[ -n ${finished:-} ]] || continue # a signal to this script ended the wait, not a process
   still=()
   for pid in "${running[@]}"; do [[ $pid == "$finished" ]] || still+=("$pid"); done
   running=("${still[@]}")
@@ -65,4 +86,5 @@ while ((${#running[@]})); do
     watchdog=$!
   fi
 done
+((interrupted && status == 0)) && exit 130
 exit "$status"

@@ -17,6 +17,7 @@
 #   --spot                  create a Spot VM (cheaper, can be preempted)
 #   --retries N             after a preemption, re-create the VM and re-run up to N times
 #                           (default 3); the run resumes from the newest checkpoint in --run-dir
+#                           (on SIGTERM, lm checkpoints the step it reached and exits 0)
 #   --delete                delete the VM when the run ends (success or not)
 #   --dry-run               print the gcloud commands instead of running them
 #   -- LM_ARGS...           more `lm` arguments, e.g. model.remat=full mesh.fsdp=-1
@@ -85,14 +86,18 @@ create_and_install() {
     "mkdir -p ~/lm && tar xzf ~/lm-src.tar.gz -C ~/lm && python3 -m pip install -q -e \"\$HOME/lm[tpu]\""
 }
 
+log=$(mktemp)
 train() {
   local quoted=""
   ((${#lm_args[@]})) && quoted=$(printf ' %q' "${lm_args[@]}")
   run gcloud compute tpus tpu-vm ssh "$name" "${where[@]}" --worker=all --command \
-    "cd ~/lm && python3 -m lm $command --config $config train.run_dir=$run_dir${quoted}"
+    "cd ~/lm && python3 -m lm $command --config $config train.run_dir=$run_dir${quoted}" \
+    2>&1 | tee "$log"
+  return "${PIPESTATUS[0]}"
 }
 
 finish() {
+  rm -f "$log"
   ((delete)) && run gcloud compute tpus tpu-vm delete "$name" "${where[@]}" --quiet
   return 0
 }
@@ -100,9 +105,15 @@ trap finish EXIT
 
 for ((attempt = 0; ; attempt++)); do
   create_and_install
-  if train; then exit 0; fi
+  code=0
+  train || code=$?
+  # A preempted run checkpoints its step and exits 0 too: only its last line tells them apart.
+  preempted=0
+  grep -q "stopped by SIGTERM" "$log" && preempted=1
+  ((code == 0 && !preempted)) && exit 0
   state=$(vm_state)
-  if [[ $state != PREEMPTED && $state != TERMINATED ]] || ((attempt >= retries)); then
+  [[ $state == PREEMPTED || $state == TERMINATED ]] && preempted=1
+  if ((!preempted || attempt >= retries)); then
     echo "tpu_vm.sh: the run failed (VM state $state); see the output above" >&2
     exit 1
   fi

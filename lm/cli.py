@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from lm.config import ConfigError, load_config
+from lm.train.preemption import Preempted
 
 _USAGE_ERRORS = (ConfigError, FileNotFoundError, ValueError)
 
@@ -84,7 +85,7 @@ def _tokenizer_train(args: argparse.Namespace) -> None:
 def _convert_from_hf(args: argparse.Namespace) -> None:
     from lm.commands.convert import from_hf
 
-    print(from_hf(args.src, args.dst, args.overrides))
+    print(from_hf(args.src, args.dst, args.overrides, overwrite=args.overwrite))
 
 
 def _convert_to_hf(args: argparse.Namespace) -> None:
@@ -219,6 +220,9 @@ def _parser() -> argparse.ArgumentParser:
     from_hf.add_argument(
         "overrides", nargs="*", help="section.key=value for the run's config, e.g. data.seq_len=128"
     )
+    from_hf.add_argument(
+        "--overwrite", action="store_true", help="replace everything already in --dst"
+    )
     to_hf = directions.add_parser("to-hf", help="run directory -> HF model directory")
     to_hf.set_defaults(run=_convert_to_hf)
     to_hf.add_argument("--run", dest="run_dir", required=True, help="run directory (newest step)")
@@ -242,12 +246,23 @@ def main(argv: list[str] | None = None) -> int:
     try:
         _join_distributed(args)
         args.run(args)
+    except Preempted as stop:  # SIGTERM or Ctrl-C: the step reached is checkpointed
+        print(f"lm {args.command}: {stop}", flush=True)
+        return stop.exit_code
+    except KeyboardInterrupt:  # Ctrl-C outside training (a second one in it exits at once)
+        print(f"lm {args.command}: interrupted.", file=sys.stderr)
+        return 130
     except _USAGE_ERRORS as error:
         print(f"lm {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except OSError as error:  # a path that cannot be read or written, a full disk
+        where = f" ({error.filename})" if error.filename else ""
+        print(f"lm {args.command}: error: {error.strerror or error}{where}.", file=sys.stderr)
+        return 2
     except RuntimeError as error:
+        # Errors the user fixes outside the config (e.g. a full disk) carry exit_code 2.
         print(f"lm {args.command}: {type(error).__name__}: {error}", file=sys.stderr)
-        return 1
+        return getattr(error, "exit_code", 1)
     return 0
 
 

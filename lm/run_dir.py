@@ -9,6 +9,7 @@ parameters: optimizer state is never loaded.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from dataclasses import dataclass
 
@@ -18,6 +19,7 @@ import orbax.checkpoint as ocp
 import yaml
 from etils import epath
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from lm.config import Config, MeshConfig, from_dict, to_dict
@@ -113,10 +115,19 @@ def write_params_run(
     params: nnx.State,
     meta: dict | None = None,
     tokenizer: TextTokenizer | None = None,
+    *,
+    overwrite: bool = False,
 ) -> None:
     """Write `config.yaml`, the tokenizer (if given) and a params-only checkpoint at step 0
-    (e.g. imported weights) into `run_dir`, local or gs://."""
+    (e.g. imported weights) into `run_dir`, local or gs://, which must be empty unless
+    `overwrite` (then everything in it is deleted first)."""
     run_dir = epath.Path(run_dir)
+    check_destination(run_dir, overwrite)
+    if overwrite and run_dir.exists():
+        if jax.process_index() == 0:
+            run_dir.rmtree()
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices("lm_write_params_run_clear")
     run_dir.mkdir(parents=True, exist_ok=True)
     write_run_files(run_dir, cfg, tokenizer)
     # By default Orbax stages every array in host memory before writing: capping the bytes in
@@ -138,14 +149,44 @@ def write_params_run(
     manager.close()
 
 
+def check_destination(run_dir: epath.Path, overwrite: bool) -> None:
+    """Refuse to write a new run into a file or, unless `overwrite`, a non-empty directory:
+    Orbax would keep the checkpoint already there and the new weights would be lost."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ValueError(f"{run_dir} is a file; choose a directory as the destination.")
+    if not overwrite and run_dir.exists() and any(run_dir.iterdir()):
+        raise ValueError(
+            f"{run_dir} is not empty; pass --overwrite to replace it entirely, or choose an "
+            "empty destination."
+        )
+
+
 def export_merged(
     cfg: Config,
     graphdef: nnx.GraphDef,
     params: nnx.State,
     run_dir: epath.Path,
     tokenizer: TextTokenizer,
+    *,
+    overwrite: bool = False,
 ) -> None:
-    """Write `run_dir/merged`: the same model with LoRA folded into its weights (no adapters)."""
+    """Write `run_dir/merged`: the same model with LoRA folded into its weights (no adapters).
+
+    An earlier export of this run there is replaced (a resumed run exports again); anything
+    else is refused unless `overwrite`.
+    """
     merged = nnx.state(merge_lora(nnx.merge(graphdef, params)))
     plain = dataclasses.replace(cfg, finetune=dataclasses.replace(cfg.finetune, lora_rank=0))
-    write_params_run(run_dir / "merged", plain, merged, {"merged_from": str(run_dir)}, tokenizer)
+    target = run_dir / "merged"
+    source = {"merged_from": str(run_dir)}
+    ours = _step0_meta(target).get("merged_from") == source["merged_from"]
+    write_params_run(target, plain, merged, source, tokenizer, overwrite=overwrite or ours)
+
+
+def _step0_meta(run_dir: epath.Path) -> dict:
+    """The JSON metadata of `run_dir`'s params-only checkpoint 0, or {} if it has none."""
+    path = run_dir / "checkpoints" / "0" / "meta" / "metadata"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}

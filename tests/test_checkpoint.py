@@ -85,3 +85,23 @@ def test_resumed_run_repeats_the_straight_run_bitwise(tiny_text_config, tmp_path
     pretrain(cfg)
     straight, resumed = read_losses(straight_dir), read_losses(resumed_dir)
     assert [resumed[s] for s in (4, 5, 6)] == [straight[s] for s in (4, 5, 6)]
+
+
+def test_a_corrupt_newest_checkpoint_resumes_from_the_previous_one_bitwise(
+    tiny_text_config, tmp_path, capsys
+):
+    cfg = tiny_text_config
+    straight_dir, resumed_dir = tmp_path / "straight", tmp_path / "resumed"
+    cfg.train = replace(cfg.train, run_dir=str(straight_dir))
+    pretrain(cfg)
+    cfg.train = replace(cfg.train, run_dir=str(resumed_dir), stop_at=5)
+    pretrain(cfg)  # checkpoints at 3 and 5
+    (resumed_dir / "checkpoints" / "5" / "state" / "_METADATA").unlink()
+    cfg.train = replace(cfg.train, stop_at=0)
+    capsys.readouterr()
+    pretrain(cfg)
+    out = capsys.readouterr().out
+    assert "checkpoint 5 is corrupt (state/_METADATA is missing); moved it to" in out
+    assert "resumed from step 3" in out
+    straight, resumed = read_losses(straight_dir), read_losses(resumed_dir)
+    assert [resumed[s] for s in (4, 5, 6)] == [straight[s] for s in (4, 5, 6)]

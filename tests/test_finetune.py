@@ -1,6 +1,7 @@
 """`lm finetune` end to end: starting weights, freezing, LoRA export, resume, mesh parity."""
 
 import json
+import shutil
 
 import jax
 import numpy as np
@@ -174,15 +175,45 @@ def test_lora_finetune_freezes_base_and_exports_an_equivalent_merged_run(tmp_pat
     np.testing.assert_allclose(plain_out, lora_out, atol=1e-5, rtol=1e-5)
 
 
-def test_resumed_finetune_matches_an_uninterrupted_one(tmp_path, pretrained):
-    finetune(_config(tmp_path / "a", pretrained, "train.steps=4"))
-    finetune(_config(tmp_path / "b", pretrained, "train.steps=4", "train.stop_at=2"))
-    finetune(_config(tmp_path / "b", pretrained, "train.steps=4"))
+def _train_losses(run_dir) -> dict[int, float]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return {r["step"]: r["train/loss"] for r in map(json.loads, lines) if "train/loss" in r}
+
+
+TRAINABLE_MODES = {
+    "all": (),
+    "head": ("finetune.trainable=head",),
+    "last_k_scanned": ("finetune.trainable=last_k",),
+    "last_k_unrolled": ("finetune.trainable=last_k", "model.scan_layers=false"),
+    "lora": ("finetune.lora_rank=2", "finetune.lora_targets=wq,wv"),
+}
+
+
+@pytest.mark.parametrize("mode", list(TRAINABLE_MODES))
+def test_resumed_finetune_repeats_an_uninterrupted_one_bitwise(tmp_path, pretrained, mode):
+    """Frozen parameters leave optax MaskedNodes in the optimizer state; resuming restores them."""
+    overrides = (*TRAINABLE_MODES[mode], "train.steps=4", "optim.lr=1e-2")
+    if mode == "last_k_unrolled":  # a backbone of unrolled blocks to start from
+        run = tmp_path / "unrolled"
+        cfg = Config(model=_model(scan_layers=False), data=DataConfig(seq_len=16))
+        with nnx.use_eager_sharding(False):
+            write_params_run(run, cfg, nnx.state(Transformer(cfg.model, rngs=nnx.Rngs(7))))
+        shutil.copyfile(pretrained[0] / "tokenizer.model", run / "tokenizer.model")
+        pretrained = run, pretrained[1]
+    finetune(_config(tmp_path / "a", pretrained, *overrides))
+    finetune(_config(tmp_path / "b", pretrained, *overrides, "train.stop_at=2"))
+    finetune(_config(tmp_path / "b", pretrained, *overrides))
     straight, resumed = load_run(tmp_path / "a" / "run"), load_run(tmp_path / "b" / "run")
     assert straight.step == resumed.step == 4
+    losses = _train_losses(tmp_path / "a" / "run"), _train_losses(tmp_path / "b" / "run")
+    assert [losses[1][s] for s in (3, 4)] == [losses[0][s] for s in (3, 4)]
     b = _leaves(resumed.params)
     for path, value in _leaves(straight.params).items():
         np.testing.assert_array_equal(value, b[path])
+    if mode == "lora":  # the resumed run's export replaced the one made at step 2
+        merged = _leaves(load_run(tmp_path / "b" / "run" / "merged").params)
+        for path, value in _leaves(load_run(tmp_path / "a" / "run" / "merged").params).items():
+            np.testing.assert_array_equal(value, merged[path])
 
 
 def test_finetune_step_on_mesh_222_matches_one_device(pretrained, tmp_path):

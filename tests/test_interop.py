@@ -187,3 +187,26 @@ def test_export_names_the_field_an_architecture_cannot_express(tmp_path):
     rmsnorm = Config(model=tiny_model(position="learned", num_kv_heads=0))
     with pytest.raises(ValueError, match=r"model\.norm=rmsnorm has no equivalent in GPT2"):
         export_config(rmsnorm)
+
+
+def test_from_hf_refuses_a_run_dir_and_overwrite_replaces_it_entirely(tmp_path, tmp_path_factory):
+    """Importing into a dir that holds a run used to print 'imported' and keep the old weights."""
+    gpt, llama_model = randomize(gpt2(), scale=0.2), randomize(llama(), scale=0.2)
+    first, second = (
+        save(gpt, tmp_path_factory, "gpt2"),
+        save(llama_model, tmp_path_factory, "llama"),
+    )
+    dst = tmp_path / "run"
+    from_hf(first, dst)
+    (dst / "stray.txt").write_text("left over")
+    with pytest.raises(ValueError, match="is not empty; pass --overwrite"):
+        from_hf(second, dst)
+    convert = ["convert", "from-hf", "--src", str(second), "--dst", str(dst)]
+    assert main(convert) == 2
+    assert load_run(dst).config.model.position == "learned"  # untouched: still GPT-2
+    assert main([*convert, "--overwrite"]) == 0
+    run = load_run(dst)
+    assert run.config.model.position == "rope" and not (dst / "stray.txt").exists()
+    _, _, expected = import_hf(second)
+    for want, got in zip(jax.tree.leaves(expected), jax.tree.leaves(run.params), strict=True):
+        np.testing.assert_array_equal(np.asarray(want), np.asarray(got))

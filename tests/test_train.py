@@ -109,3 +109,61 @@ def test_nan_loss_stops_the_run_naming_step_and_last_checkpoint(tmp_path):
     assert "Loss became nan at step 4" in message
     assert f"last good checkpoint: step 2 in {checkpointer.directory}" in message
     assert checkpointer.latest_step() == 2  # the diverged state was never saved
+
+
+def _fake_run(tmp_path, metrics_at, steps: int = 4, **settings_overrides):
+    """run_loop over a fake step whose metrics at step index i are `metrics_at(i)`; returns
+    the checkpointer and what the loop printed."""
+    checkpointer = Checkpointer(tmp_path / "ckpt", CheckpointConfig(every=2, async_save=True))
+    stream = io.StringIO()
+    settings = LoopSettings(
+        total_steps=steps,
+        stop_at=steps,
+        log_every=1,
+        eval_every=100,
+        checkpoint_every=2,
+        tokens_per_step=1,
+        flops_per_step=1.0,
+        peak_flops=1.0,
+        **settings_overrides,
+    )
+
+    def fake_step(state, batch):
+        return {"w": state["w"] + 1}, {k: jnp.float32(v) for k, v in metrics_at(batch).items()}
+
+    writer = MetricsWriter(tmp_path, steps, stream=stream)
+    state = {"w": jnp.zeros(())}
+    try:
+        run_loop(state, fake_step, lambda step: step, settings, writer, checkpointer, lambda s: {})
+    finally:
+        writer.close()
+        stream.seek(0)
+    return checkpointer, stream
+
+
+def test_infinite_gradient_norm_stops_the_run_naming_a_finished_checkpoint(tmp_path):
+    norms = [1.0, 1.0, float("inf"), 1.0]
+    with pytest.raises(TrainingDiverged) as error:
+        _fake_run(tmp_path, lambda i: {"loss": 2.0, "grad_norm": norms[i]})
+    message = str(error.value)
+    assert message.startswith("Gradient norm became inf at step 3; last good checkpoint: step 2")
+    assert "optim.clip_norm" in message
+    assert (tmp_path / "ckpt" / "2").is_dir()  # the async save it names had finished
+
+
+def test_loss_at_ln_vocab_with_zero_gradient_warns_once_that_the_model_is_not_learning(tmp_path):
+    uniform = float(np.log(300))
+    _, out = _fake_run(
+        tmp_path, lambda i: {"loss": uniform, "grad_norm": 0.0}, uniform_loss=uniform
+    )
+    warnings = [line for line in out.read().splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1
+    assert "at step 1" in warnings[0] and "not learning" in warnings[0]
+
+
+def test_learning_model_gets_no_warning(tmp_path):
+    uniform = float(np.log(300))
+    _, out = _fake_run(
+        tmp_path, lambda i: {"loss": uniform, "grad_norm": 0.5}, uniform_loss=uniform
+    )
+    assert "warning" not in out.read()

@@ -7,9 +7,10 @@ from collections.abc import Sequence
 from lm import interop
 
 
-def from_hf(src: str, dst: str, overrides: Sequence[str] = ()) -> str:
-    """Import `src` into the run directory `dst`; returns a one-line summary."""
-    cfg = interop.from_hf(src, dst, overrides=overrides)
+def from_hf(src: str, dst: str, overrides: Sequence[str] = (), overwrite: bool = False) -> str:
+    """Import `src` into the run directory `dst` (empty unless `overwrite`, which replaces what
+    is there); returns a one-line summary."""
+    cfg = interop.from_hf(src, dst, overrides=overrides, overwrite=overwrite)
     m = cfg.model
     return (
         f"{dst}: imported {src} (d_model={m.d_model}, layers={m.num_layers}, "

@@ -4,16 +4,19 @@ Reads top to bottom: config → mesh → tokenizer and task examples → sharded
 on `init_from`'s backbone, or this run's newest checkpoint) → the shared train step and loop,
 evaluating task metrics, keeping the best checkpoint and stopping early → final metrics, and
 for LoRA a merged export. Only the objective, the head, the data and the initial parameters
-differ from `lm pretrain`.
+differ from `lm pretrain`. A run stopped by SIGTERM or Ctrl-C checkpoints its step and ends
+there (`Preempted`), without the final evaluation.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import jax
 from etils import epath
 from flax import nnx
+from jax.sharding import Mesh
 
 from lm.config import Config, ConfigError
 from lm.data.batches import ArrayTable, StepBatcher
@@ -23,12 +26,13 @@ from lm.model.lora import LoraModel, merge_lora
 from lm.run_dir import export_merged, load_run, write_run_files
 from lm.runtime.flops import peak_flops
 from lm.runtime.mesh import batch_sharding
-from lm.tasks import task_for
+from lm.tasks import Task, task_for
 from lm.train.checkpoint import BestCheckpoint, Checkpointer
 from lm.train.freeze import finetune_optimizer, gate_frozen
 from lm.train.init_from import backbone_prefix, copy_backbone
 from lm.train.loop import run_mesh, start_session
 from lm.train.metrics import MetricsWriter
+from lm.train.run_lock import claim_run_dir
 from lm.train.state import TrainState
 from lm.train.step import make_eval_step
 
@@ -44,6 +48,13 @@ def finetune(cfg: Config) -> dict[str, float]:
     mesh = run_mesh(cfg)
     task = task_for(cfg)
     run_dir = epath.Path(cfg.train.run_dir)  # local or gs://
+    with claim_run_dir(run_dir, print):
+        return _finetune(cfg, task, mesh, run_dir)
+
+
+def _finetune(cfg: Config, task: Task, mesh: Mesh, run_dir: epath.Path) -> dict[str, float]:
+    """The run, once this process owns `run_dir`."""
+    f = cfg.finetune
     checkpointer = Checkpointer(run_dir / "checkpoints", cfg.checkpoint)
     source = None
     if f.init_from and not checkpointer.latest_step():
@@ -76,7 +87,7 @@ def finetune(cfg: Config) -> dict[str, float]:
         writer.print(f"backbone from {f.init_from} (step {source.step}){fresh}")
         return state.replace(params=params)
 
-    with jax.set_mesh(mesh):
+    with jax.set_mesh(mesh), contextlib.closing(writer):
         session = start_session(cfg, mesh, tx, checkpointer, writer, fresh=with_backbone)
         graphdef = session.graphdef
         objective = gate_frozen(cfg, task.objective(cfg, train))
@@ -103,15 +114,19 @@ def finetune(cfg: Config) -> dict[str, float]:
             best.update(int(current.step), current, results)
             return results
 
-        state = session.train(
-            objective,
-            batches.local_batch,
-            writer,
-            checkpointer,
-            evaluate,
-            peak,
-            should_stop=best.should_stop,
-        )
+        try:
+            state = session.train(
+                objective,
+                batches.local_batch,
+                writer,
+                checkpointer,
+                evaluate,
+                peak,
+                should_stop=best.should_stop,
+            )
+        except Exception:
+            best.close()  # the loop waited for its own saves; a best one in flight ends whole too
+            raise
         final = {f"validation/{k}": v for k, v in evaluate_split(state, "validation", 0).items()}
         if "test" in encoded:
             final.update({f"test/{k}": v for k, v in evaluate_split(state, "test", 0).items()})
@@ -126,5 +141,4 @@ def finetune(cfg: Config) -> dict[str, float]:
             writer.print(f"LoRA merged into the base weights: {run_dir / 'merged'}")
     if jax.process_index() == 0:
         (run_dir / "final_eval.json").write_text(json.dumps(final, indent=2))
-    writer.close()
     return final

@@ -1,15 +1,18 @@
 """`lm pretrain`: train a causal (or masked) language model from scratch, or resume a run.
 
 Reads top to bottom: config → mesh → data → sharded state (or the newest checkpoint) →
-the shared loop (`lm.train.loop`) → final evaluation and a sample.
+the shared loop (`lm.train.loop`) → final evaluation and a sample. A run stopped by SIGTERM or
+Ctrl-C checkpoints its step and ends there (`Preempted`), without the final evaluation.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import jax
 from etils import epath
+from jax.sharding import Mesh
 
 from lm.config import Config, check_pretraining
 from lm.data.batches import ordered_batches
@@ -26,6 +29,7 @@ from lm.train.loop import run_mesh, start_session
 from lm.train.metrics import MetricsWriter
 from lm.train.objectives import TokenCrossEntropy
 from lm.train.optim import make_optimizer
+from lm.train.run_lock import claim_run_dir
 from lm.train.step import make_eval_step
 
 
@@ -35,6 +39,12 @@ def pretrain(cfg: Config) -> dict[str, float]:
     check_pretraining(cfg)
     mesh = run_mesh(cfg)
     run_dir = epath.Path(cfg.train.run_dir)  # local or gs://
+    with claim_run_dir(run_dir, print):
+        return _pretrain(cfg, mesh, run_dir)
+
+
+def _pretrain(cfg: Config, mesh: Mesh, run_dir: epath.Path) -> dict[str, float]:
+    """The run, once this process owns `run_dir`."""
     # Process 0 trains the run's tokenizer (if it needs one) before the others read it.
     data = process_zero_first(
         "pretrain_data", lambda: load_pretrain_data(cfg.data, run_dir, cfg.model.vocab_size)
@@ -52,7 +62,7 @@ def pretrain(cfg: Config) -> dict[str, float]:
     peak = peak_flops(jax.devices())
     tx = make_optimizer(cfg.optim, cfg.train.steps)
     checkpointer = Checkpointer(run_dir / "checkpoints", cfg.checkpoint)
-    with jax.set_mesh(mesh):
+    with jax.set_mesh(mesh), contextlib.closing(writer):
         session = start_session(cfg, mesh, tx, checkpointer, writer)
 
         mlm = cfg.train.objective == "mlm"
@@ -100,5 +110,4 @@ def pretrain(cfg: Config) -> dict[str, float]:
             writer.print(f"sample:\n{text}")
     if jax.process_index() == 0:
         (run_dir / "final_eval.json").write_text(json.dumps(final, indent=2))
-    writer.close()
     return final

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
 
+from etils import epath
 from flax import nnx
 from jax.sharding import Mesh
 
@@ -27,7 +28,7 @@ from lm.interop.mapping import Tensors, hf_tensors, load_params
 from lm.interop.safetensors_io import SINGLE_FILE, SafetensorsReader, write_safetensors
 from lm.model.build import build_model
 from lm.model.transformer import abstract_split
-from lm.run_dir import load_run, read_run_config, write_params_run
+from lm.run_dir import check_destination, load_run, read_run_config, write_params_run
 from lm.runtime.mesh import make_mesh
 from lm.tasks import TASKS, task_for
 
@@ -148,13 +149,22 @@ def import_hf(
 
 
 def from_hf(
-    src: str | Path, dst: str | Path, *, mesh: Mesh | None = None, overrides: Sequence[str] = ()
+    src: str | Path,
+    dst: str | Path,
+    *,
+    mesh: Mesh | None = None,
+    overrides: Sequence[str] = (),
+    overwrite: bool = False,
 ) -> Config:
-    """Convert the HF model directory `src` into the run directory `dst`; returns its config."""
+    """Convert the HF model directory `src` into the run directory `dst`; returns its config.
+
+    `dst` must be empty unless `overwrite`, which replaces everything in it."""
     src, dst = Path(src), Path(dst)
+    check_destination(epath.Path(dst), overwrite)  # before the import, which can take minutes
     cfg, _, params = import_hf(src, mesh, overrides)
     arch = architecture(read_hf_config(src))
-    write_params_run(dst, cfg, params, {"converted_from": str(src), "architecture": arch.name})
+    meta = {"converted_from": str(src), "architecture": arch.name}
+    write_params_run(dst, cfg, params, meta, overwrite=overwrite)
     copy_tokenizer(src, dst)
     return cfg
 

@@ -13,6 +13,10 @@ Anything else is a single-process run, which never calls `jax.distributed`; a on
 joins as a one-process run, as Google recommends for TPUs. `LM_DISTRIBUTED=off` turns the
 automatic detection (3 and 4) off. `LM_HEARTBEAT_S` and `LM_SHUTDOWN_TIMEOUT_S` shorten how
 long survivors wait for a dead peer (JAX: 100 s, 300 s).
+
+Joining also starts JAX's preemption notifier: SIGTERM on any process is passed to all of them
+through the coordination service, and `preemption_sync_point` tells the training loop the one
+step at which every process stops and checkpoints (lm/train/preemption.py).
 """
 
 from __future__ import annotations
@@ -123,6 +127,8 @@ def initialize(
         return spec
     # Only the CPU backend needs telling which collectives to use (GPU: NCCL, TPU: ICI/DCN).
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    # The training loop's stop step on SIGTERM comes from this service (preemption_sync_point).
+    jax.config.update("jax_enable_preemption_service", True)
     jax.distributed.initialize(
         coordinator_address=spec.coordinator,
         num_processes=spec.num_processes,
@@ -131,6 +137,14 @@ def initialize(
         shutdown_timeout_seconds=spec.shutdown_timeout_s,
     )
     return spec
+
+
+def preemption_sync_point() -> Callable[[int], bool] | None:
+    """`reached_preemption_sync_point(step)` when this process joined a run through
+    `jax.distributed` (whose notifier then owns SIGTERM), else None."""
+    if not jax.distributed.is_initialized():
+        return None
+    return multihost_utils.reached_preemption_sync_point
 
 
 def process_zero_first(name: str, fn: Callable[[], T]) -> T:

@@ -17,29 +17,59 @@ def _fmt_duration(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
+def _step_of(line: str) -> int | None:
+    """The step of one metrics.jsonl line; None for a line cut short by a crash."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
 class MetricsWriter:
     """Writes scalars to `run_dir/metrics.jsonl` and TensorBoard, and shows progress.
 
     On a terminal the progress is one line rewritten in place; otherwise (logs, CI) each
-    report is a plain line. Processes other than 0 write nothing.
+    report is a plain line. Processes other than 0 write nothing. The files open at the first
+    write, so that `resume_at` can drop what a resumed run will log again.
     """
 
     def __init__(self, run_dir: str | Path, total_steps: int, stream=None):
         self.enabled = jax.process_index() == 0
+        self.run_dir = epath.Path(run_dir)  # local or gs://
         self.total_steps = total_steps
         self.stream = stream or sys.stdout
         self.tty = self.stream.isatty()
         self.start = time.perf_counter()
         self._jsonl = self._tb = None
+        self._purge_step: int | None = None
         if self.enabled:
-            run_dir = epath.Path(run_dir)  # local or gs://
-            run_dir.mkdir(parents=True, exist_ok=True)
-            self._jsonl = (run_dir / "metrics.jsonl").open("a")
-            self._tb = SummaryWriter(str(run_dir / "tensorboard"))
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+
+    def resume_at(self, step: int) -> None:
+        """Forget records of steps after `step`: a run resuming there logs them again.
+
+        metrics.jsonl is rewritten without them (through a temporary file, so a crash leaves
+        the old or the new file whole), and TensorBoard purges them (`purge_step`).
+        Call before the first `write`.
+        """
+        if not self.enabled:
+            return
+        path = self.run_dir / "metrics.jsonl"
+        if path.exists():
+            lines = path.read_text().splitlines()
+            kept = [line for line in lines if (s := _step_of(line)) is not None and s <= step]
+            if len(kept) < len(lines):
+                partial = self.run_dir / "metrics.jsonl.tmp"
+                partial.write_text("".join(line + "\n" for line in kept))
+                partial.replace(path)
+        self._purge_step = step + 1
 
     def write(self, step: int, scalars: dict[str, float], prefix: str = "train") -> None:
         if not self.enabled:
             return
+        if self._jsonl is None:
+            self._jsonl = (self.run_dir / "metrics.jsonl").open("a")
+            self._tb = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=self._purge_step)
         record = {"step": step, **{f"{prefix}/{k}": float(v) for k, v in scalars.items()}}
         self._jsonl.write(json.dumps(record) + "\n")
         self._jsonl.flush()
@@ -72,6 +102,6 @@ class MetricsWriter:
         self.stream.flush()
 
     def close(self) -> None:
-        if self.enabled:
+        if self._jsonl is not None:
             self._jsonl.close()
             self._tb.close()

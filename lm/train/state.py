@@ -68,7 +68,15 @@ def train_state_shardings(abstract: TrainState, tx: optax.GradientTransformation
 
 
 def abstract_with_shardings(abstract: Any, shardings: Any) -> Any:
-    """ShapeDtypeStructs carrying shardings: the restore target for Orbax."""
-    return jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
-    )
+    """ShapeDtypeStructs carrying shardings: the restore target for Orbax.
+
+    `shardings` may hold one sharding where `abstract` has an empty subtree (optax's
+    `MaskedNode` for a parameter a fine-tune freezes); such subtrees pass through as they are.
+    """
+
+    def place(sharding: Any, a: Any) -> Any:
+        if isinstance(a, jax.ShapeDtypeStruct):
+            return jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding)
+        return a
+
+    return jax.tree.map(place, shardings, abstract)
