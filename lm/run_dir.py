@@ -119,10 +119,11 @@ def write_params_run(
     overwrite: bool = False,
 ) -> None:
     """Write `config.yaml`, the tokenizer (if given) and a params-only checkpoint at step 0
-    (e.g. imported weights) into `run_dir`, local or gs://, which must be empty unless
-    `overwrite` (then everything in it is deleted first)."""
+    (e.g. imported weights) into `run_dir`, local or gs://, which must hold no checkpoints
+    unless `overwrite` (then everything in it is deleted first)."""
     run_dir = epath.Path(run_dir)
-    check_destination(run_dir, overwrite)
+    check_destination(run_dir, overwrite=True)  # not a file
+    check_destination(run_dir / "checkpoints", overwrite)  # Orbax would keep a step 0 there
     if overwrite and run_dir.exists():
         if jax.process_index() == 0:
             run_dir.rmtree()
