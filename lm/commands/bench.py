@@ -41,7 +41,8 @@ def bench(cfg: Config, steps: int = 10, warmup: int = 2) -> dict:
     tx = make_optimizer(cfg.optim, max(cfg.train.steps, steps + warmup))
     with jax.set_mesh(mesh):
         session = start_session(cfg, mesh, tx)
-        step, state = session.train_step(TokenCrossEntropy(cfg.train.z_loss)), session.state
+        objective = TokenCrossEntropy(cfg.train.z_loss, cfg.train.loss_chunk)
+        step, state = session.train_step(objective), session.state
         batch = jax.device_put(synthetic_batch(cfg), batch_sharding(mesh))
         compile_start = time.perf_counter()
         for _ in range(warmup):

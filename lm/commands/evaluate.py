@@ -136,7 +136,7 @@ def evaluate_run(
     token_bytes = run.tokenizer.token_bytes()
 
     with jax.set_mesh(mesh):
-        eval_step = make_eval_step(run.graphdef, TokenCrossEntropy())
+        eval_step = make_eval_step(run.graphdef, TokenCrossEntropy(loss_chunk=cfg.train.loss_chunk))
 
         def score(batches: Iterable, total: int, label: str, bytes_V) -> dict[str, float]:
             batches = _progress(batches, total, label)

@@ -66,7 +66,7 @@ def _pretrain(cfg: Config, mesh: Mesh, run_dir: epath.Path) -> dict[str, float]:
         session = start_session(cfg, mesh, tx, checkpointer, writer)
 
         mlm = cfg.train.objective == "mlm"
-        objective = TokenCrossEntropy(z_loss=cfg.train.z_loss)
+        objective = TokenCrossEntropy(cfg.train.z_loss, cfg.train.loss_chunk)
         masking = masking_for(cfg.data, cfg.model.vocab_size, data.tokenizer) if mlm else None
         train_batches = MaskedStepBatches(data.train, masking) if mlm else data.train
         eval_step = make_eval_step(session.graphdef, objective)

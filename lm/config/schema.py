@@ -139,6 +139,9 @@ class TrainConfig:
     eval_batches: int = 0  # 0 = the whole validation split
     log_every: int = 10
     z_loss: float = 0.0
+    # tokens per slice of the sequence for a tiled language-model loss, whose [batch, length,
+    # vocab] logits never exist at once (0 = off: one logits tensor); must divide data.seq_len
+    loss_chunk: int = 0
     sample_tokens: int = 200  # length of the sample printed at the end (0 = none)
     sample_prompt: str = ""
     # clm: next token, causal model; mlm: masked tokens, encoder

@@ -8,6 +8,7 @@ Which head a fine-tuning task uses is the task's choice (`lm.tasks`).
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -70,16 +71,22 @@ class MaskedLM(nnx.Module):
         token_types_BxL: jax.Array | None = None,
     ) -> jax.Array:
         """float32 vocabulary logits [B, L, V] at every position (the loss picks masked ones)."""
-        backbone = self.backbone
-        h_BxLxD = backbone.hidden(
+        h_BxLxD, head = self.hidden_and_head(
             tokens_BxL,
             segment_ids_BxL,
             positions_BxL,
             dropout_key=dropout_key,
             token_types_BxL=token_types_BxL,
         )
+        return head(h_BxLxD)
+
+    def hidden_and_head(
+        self, *args, **kwargs
+    ) -> tuple[jax.Array, Callable[[jax.Array], jax.Array]]:
+        """(backbone hidden states [B, L, D] for `hidden`'s arguments, hidden → logits)."""
+        backbone = self.backbone
         w_VxD = backbone.embed[...] if backbone.cfg.tie_embeddings else backbone.unembed[...]
-        return self.head(h_BxLxD, w_VxD)
+        return backbone.hidden(*args, **kwargs), lambda h_BxCxD: self.head(h_BxCxD, w_VxD)
 
 
 POOLINGS = ("first", "mean", "last")

@@ -10,7 +10,7 @@ without the adapters' extra work.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -91,6 +91,10 @@ class LoraModel(nnx.Module):
     def __call__(self, *args, **kwargs):
         """The base model's output with adapted weights (same arguments as the base model)."""
         return merge_lora(self)(*args, **kwargs)
+
+    def hidden_and_head(self, *args, **kwargs) -> tuple[jax.Array, Callable]:
+        """The base model's `hidden_and_head`, with the adapters merged once for both."""
+        return merge_lora(self).hidden_and_head(*args, **kwargs)
 
 
 def merge_lora(model: LoraModel) -> nnx.Module:

@@ -317,6 +317,12 @@ class Transformer(nnx.Module):
         logits_BxLxV = dense(h_BxLxD, w_DxV, dt, out_dtype=jnp.float32)
         return constrain(logits_BxLxV, ("act_batch", "act_length", "act_vocab"))
 
+    def hidden_and_head(
+        self, *args, **kwargs
+    ) -> tuple[jax.Array, Callable[[jax.Array], jax.Array]]:
+        """(`hidden` of the same arguments, `logits`): what a tiled loss needs to slice."""
+        return self.hidden(*args, **kwargs), self.logits
+
     def __call__(
         self,
         tokens_BxL: jax.Array,

@@ -102,4 +102,4 @@ class TextToTextTask(Task):
         return Transformer(cfg.model, rngs=rngs)
 
     def objective(self, cfg: Config, train: dict[str, np.ndarray]):
-        return TokenCrossEntropy()
+        return TokenCrossEntropy(loss_chunk=cfg.train.loss_chunk)

@@ -9,6 +9,7 @@ per-row vectors [B]; the train and eval steps reduce them over the batch in one 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import jax
@@ -49,11 +50,15 @@ class TokenCrossEntropy:
     """
 
     z_loss: float = 0.0
+    # Tokens per chunk of the sequence for the tiled loss (0 = off); must divide the length.
+    loss_chunk: int = 0
 
     def loss(
         self, model, batch: Batch, dropout_key: jax.Array | None = None, evaluating: bool = False
     ):
         """(summed loss, per-row metric sums [B]); `evaluating` adds top-1 accuracy (an argmax)."""
+        if self.loss_chunk:
+            return self._tiled_loss(model, batch, dropout_key, evaluating)
         logits_BxLxV = model(
             batch["inputs"], batch["segment_ids"], batch["positions"], dropout_key=dropout_key
         )
@@ -64,3 +69,49 @@ class TokenCrossEntropy:
             correct_BxL = logits_BxLxV.argmax(-1) == batch["targets"]
             metrics["correct_sum"] = row_sum(correct_BxL * w_BxL)
         return jnp.sum((nll_BxL + z_BxL) * w_BxL), metrics
+
+    def _tiled_loss(self, model, batch: Batch, dropout_key: jax.Array | None, evaluating: bool):
+        """`loss` with the [B, L, V] logits never materialised, forward or backward.
+
+        The hidden states are computed once; the loss then runs over `loss_chunk`-token slices
+        of the sequence, each slice's logits recomputed in the backward pass (`jax.checkpoint`)
+        instead of stored, so only one [B, C, V] slice of logits and its gradient is live.
+        """
+        h_BxLxD, head = model.hidden_and_head(
+            batch["inputs"], batch["segment_ids"], batch["positions"], dropout_key=dropout_key
+        )
+        length, chunk = h_BxLxD.shape[1], self.loss_chunk
+        if length % chunk:
+            raise ValueError(f"loss_chunk={chunk} must divide the sequence length {length}.")
+
+        def chunks(x_BxL: jax.Array) -> jax.Array:
+            """[B, L, ...] → [L/C, B, C, ...]: the slices `lax.map` iterates over."""
+            x_BxNxC = x_BxL.reshape(x_BxL.shape[0], length // chunk, chunk, *x_BxL.shape[2:])
+            return jnp.swapaxes(x_BxNxC, 0, 1)  # rows stay on axis 1, sharded as before
+
+        # Saves only each slice's inputs; the loop boundary of `lax.map` already prevents CSE.
+        chunk_sums = jax.checkpoint(
+            lambda xs: self._chunk_sums(head, *xs, evaluating), prevent_cse=False
+        )
+        w_BxL = batch["weights"]
+        loss_N, sums_NxB = jax.lax.map(
+            chunk_sums, (chunks(h_BxLxD), chunks(batch["targets"]), chunks(w_BxL))
+        )
+        metrics = {k: jnp.sum(v_NxB, axis=0) for k, v_NxB in sums_NxB.items()}
+        return jnp.sum(loss_N), {**metrics, "weight_sum": row_sum(w_BxL)}
+
+    def _chunk_sums(
+        self,
+        head: Callable[[jax.Array], jax.Array],
+        h_BxCxD: jax.Array,
+        targets_BxC: jax.Array,
+        w_BxC: jax.Array,
+        evaluating: bool,
+    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """(summed loss, per-row sums [B]) of one slice, as `loss` computes them for a batch."""
+        logits_BxCxV = head(h_BxCxD)
+        nll_BxC, z_BxC = token_losses(logits_BxCxV, targets_BxC, self.z_loss)
+        sums = {"nll_sum": row_sum(nll_BxC * w_BxC)}
+        if evaluating:
+            sums["correct_sum"] = row_sum((logits_BxCxV.argmax(-1) == targets_BxC) * w_BxC)
+        return jnp.sum((nll_BxC + z_BxC) * w_BxC), sums
