@@ -292,3 +292,8 @@ def test_generate_cli_prints_json_and_streams_text(tmp_path, tokenizer, capsys):
     assert capsys.readouterr().out.startswith("the king" + records[0]["text"])
     assert main(["generate", "--run", str(tmp_path / "missing"), "--prompt", "x"]) == 2
     assert "not a run directory" in capsys.readouterr().err
+    (run_dir / "tokenizer.model").unlink()
+    assert main([*args, "--prompt", "the king"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.count("\n") == 1
+    assert "has no tokenizer.model or tokenizer.json" in captured.err

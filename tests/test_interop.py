@@ -19,8 +19,8 @@ from conftest import tiny_model  # noqa: E402
 from hf_models import VOCAB, bert_config, gpt2, llama, randomize, save  # noqa: E402
 
 from lm.cli import main  # noqa: E402
-from lm.config import Config, DataConfig, MeshConfig  # noqa: E402
-from lm.interop.convert import export_config, from_hf, import_hf, to_hf  # noqa: E402
+from lm.config import Config, DataConfig, MeshConfig, check_finetuning  # noqa: E402
+from lm.interop.convert import config_from_hf, export_config, from_hf, import_hf, to_hf  # noqa: E402
 from lm.model import Transformer  # noqa: E402
 from lm.run_dir import load_run, write_params_run  # noqa: E402
 from lm.runtime.mesh import make_mesh  # noqa: E402
@@ -210,3 +210,14 @@ def test_from_hf_refuses_a_run_dir_and_overwrite_replaces_it_entirely(tmp_path, 
     _, _, expected = import_hf(second)
     for want, got in zip(jax.tree.leaves(expected), jax.tree.leaves(run.params), strict=True):
         np.testing.assert_array_equal(np.asarray(want), np.asarray(got))
+
+
+def test_a_bert_classifier_converts_without_a_dataset_and_finetune_asks_for_one():
+    hf = {
+        **json.loads(bert_config(num_labels=3).to_json_string()),
+        "architectures": ["BertForSequenceClassification"],
+    }
+    cfg = config_from_hf(hf)
+    assert cfg.finetune.task == "classification" and cfg.finetune.dataset == ""
+    with pytest.raises(ValueError, match="finetune.dataset is empty"):
+        check_finetuning(cfg)

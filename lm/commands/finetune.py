@@ -18,7 +18,7 @@ from etils import epath
 from flax import nnx
 from jax.sharding import Mesh
 
-from lm.config import Config, ConfigError
+from lm.config import Config, check_finetuning
 from lm.data.batches import ArrayTable, StepBatcher
 from lm.data.task_data import encode, finetune_tokenizer, stats_line, task_examples
 from lm.evaluation.tasks import AnswerScorer, evaluate_task
@@ -39,12 +39,7 @@ from lm.train.step import make_eval_step
 
 def finetune(cfg: Config) -> dict[str, float]:
     """Run (or resume) fine-tuning as `cfg.finetune` says; returns the final validation metrics."""
-    f = cfg.finetune
-    if not f.task:
-        raise ConfigError(
-            "finetune.task is empty; set it to classification, regression, token_labels or "
-            "text_to_text (see configs/finetune/)."
-        )
+    check_finetuning(cfg)
     mesh = run_mesh(cfg)
     task = task_for(cfg)
     run_dir = epath.Path(cfg.train.run_dir)  # local or gs://

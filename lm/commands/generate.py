@@ -25,6 +25,11 @@ def generate(
     """Continue the prompts with checkpoint `step` (default newest) of `run_dir`."""
     collected = read_prompts(prompts, prompts_file)
     generator = Generator.from_run(run_dir, step=step)
+    if generator.tokenizer is None:  # said before any prompt is printed
+        raise FileNotFoundError(
+            f"{run_dir} has no tokenizer.model or tokenizer.json and its config names none; "
+            "copy the tokenizer the run was trained with into it as tokenizer.model."
+        )
     print_generations(generator, collected, as_json=as_json, batch_size=batch_size, **options)
 
 

