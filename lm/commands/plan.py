@@ -75,7 +75,8 @@ def _activation_bytes(cfg: Config, mesh: dict[str, int], remat: bool) -> tuple[i
     tokens = max(1, math.ceil(rows)) * cfg.data.seq_len
     t = mesh["tensor"]
     d, f, h, g, hd, seq = m.d_model, m.d_ff, m.num_heads, m.kv_heads, m.head_dim, cfg.data.seq_len
-    probs = h if m.attention == "cudnn" else h * seq
+    # Fused kernels keep one softmax statistic per query and head, not the [L, L] probabilities.
+    probs = h if m.attention in ("cudnn", "splash", "auto") else h * seq
     hidden = 3 * f if m.mlp == "swiglu" else 2 * f
     block = 4 * d + (2 * d + 2 * g * hd + probs + hidden) / t
     width = jnp.dtype(m.dtype).itemsize

@@ -38,8 +38,10 @@ class ModelConfig:
     param_dtype: Literal["float32", "bfloat16"] = "float32"
     scan_layers: bool = True
     remat: Literal["none", "full", "dots", "dots_no_batch"] = "none"
-    # xla: jax.nn.dot_product_attention; math: explicit einsums
-    attention: Literal["xla", "cudnn", "math"] = "xla"
+    # xla: jax.nn.dot_product_attention; cudnn: its cuDNN kernel (GPU); math: explicit einsums;
+    # splash: Pallas splash attention (TPU; from segment ids, no dense mask); auto: at model
+    # build, splash on TPU, cudnn on GPU, xla elsewhere
+    attention: Literal["xla", "cudnn", "math", "splash", "auto"] = "xla"
     init_std: float = 0.02
     causal: bool = True  # False = bidirectional encoder (masked-LM pretraining)
     # Hugging Face architecture options (GPT-2, Llama, BERT); the defaults are this project's own.

@@ -78,22 +78,27 @@ class Kernel(NamedTuple):
     """An attention implementation: out [B, L, H, K] = fn(q [B, L, H, K], k, v, mask [B, 1, L, S]).
 
     Keys and values arrive in the layout the kernel reads without a copy: heads-major [B, G, S, K]
-    when `heads_major`, else sequence-major [B, S, G, K].
+    when `heads_major`, else sequence-major [B, S, G, K]. A kernel that masks from segment ids
+    itself also has `packed`, out = packed(q, k [B, L, G, K], v, segment_ids [B, L], causal),
+    which self-attention without a cache calls instead, never building the dense mask.
     """
 
     fn: Callable[[jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]
     heads_major: bool
+    packed: Callable[[jax.Array, jax.Array, jax.Array, jax.Array, bool], jax.Array] | None = None
 
 
 # `ModelConfig.attention` names one of these.
 KERNELS: dict[str, Kernel] = {}
 
 
-def register_kernel(name: str, *, heads_major: bool) -> Callable[[Callable], Callable]:
+def register_kernel(
+    name: str, *, heads_major: bool, packed: Callable | None = None
+) -> Callable[[Callable], Callable]:
     """Decorator: make the decorated function the attention kernel called `name`."""
 
     def register(fn):
-        KERNELS[name] = Kernel(fn, heads_major)
+        KERNELS[name] = Kernel(fn, heads_major, packed)
         return fn
 
     return register
@@ -259,7 +264,10 @@ class Attention(nnx.Module):
         """
         impl = self.cfg.attention
         q_BxLxHxK, k_BxLxGxK, v_BxLxGxK = self._qkv(x_BxLxD, positions_BxL)
-        if cache is None:
+        packed = KERNELS[impl].packed
+        if cache is None and packed is not None:
+            out_BxLxHxK = packed(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, segment_ids_BxL, causal)
+        elif cache is None:
             mask_Bx1xLxL = attention_mask(segment_ids_BxL, causal)
             out_BxLxHxK = dot_product_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, mask_Bx1xLxL, impl)
         else:
