@@ -95,8 +95,12 @@ def _convert_to_hf(args: argparse.Namespace) -> None:
 
 
 def _plan(args: argparse.Namespace) -> None:
-    from lm.commands.plan import format_plan, plan_memory
+    from lm.commands.plan import format_plan, format_slice_plan, plan_memory, plan_slice
 
+    if args.topology:
+        cfg = load_config(args.config, args.overrides)
+        print(format_slice_plan(args.config or "defaults", plan_slice(cfg, args.topology)))
+        return
     if args.devices is None:
         import jax
 
@@ -237,6 +241,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     plan.add_argument(
         "--devices", type=int, help="devices to plan for (default: those this machine sees)"
+    )
+    plan.add_argument(
+        "--topology",
+        help="compile the real train step for a TPU slice on this host (needs libtpu): "
+        "v5e-256, v5p-128 (TensorCores), v6e-64 or a topology such as v5p:4x4x4",
     )
     return parser
 

@@ -18,11 +18,16 @@ data·fsdp, split by gradient accumulation). Against XLA's `memory_analysis()` o
 step on CPU the full-remat figure matched within 2% (shakespeare.yaml, bench_cpu.yaml) while
 the no-remat figure was 35-40% low: XLA keeps more attention and MLP intermediates than
 counted here, so treat it as a lower bound and leave headroom.
+
+`--topology` (`plan_slice`) instead compiles the real train step for a TPU slice with libtpu's
+compiler on this host (`lm.runtime.aot`): XLA's own bytes per chip, the collectives it emits,
+and a roofline estimate of step time and MFU from the chip's datasheet figures.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 
 import jax
@@ -32,6 +37,16 @@ from flax import nnx
 from lm.config import Config, ConfigError, mesh_shape
 from lm.model.build import build_model
 from lm.model.transformer import abstract_split
+from lm.runtime.aot import (
+    Chip,
+    CompiledStep,
+    collective_bytes,
+    collectives,
+    compile_train_step,
+    slice_devices,
+    topology_name,
+)
+from lm.runtime.flops import train_flops_per_token
 from lm.runtime.mesh import MESH_AXES, logical_to_spec
 
 
@@ -141,3 +156,103 @@ def format_plan(name: str, plan: MemoryPlan) -> str:
         f"({mesh}); {plan.tokens_per_device:,} tokens per device per micro-batch"
     )
     return "\n".join([head] + [f"  {label:<26}{_gib(value):>14}" for label, value in rows])
+
+
+@dataclasses.dataclass(frozen=True)
+class SlicePlan:
+    """The train step compiled for a TPU slice, with a roofline estimate of its speed."""
+
+    name: str
+    chips: int
+    chip: Chip
+    step: CompiledStep
+    collective_bytes: int  # per chip per step
+    flops_per_chip: float  # model FLOPs per chip per step
+
+    @property
+    def fits(self) -> bool:
+        return self.step.peak <= self.chip.hbm_bytes
+
+    @property
+    def fsdp_ideal_bytes(self) -> int:
+        # FSDP gathers every weight forward and backward and reduce-scatters every gradient.
+        return 3 * self.step.param_bytes_compute
+
+    @property
+    def compute_s(self) -> float:
+        return self.flops_per_chip / self.chip.peak_bf16_flops
+
+    @property
+    def collective_s(self) -> float:
+        return self.collective_bytes / self.chip.ici_bytes_per_s
+
+    @property
+    def step_s(self) -> float:
+        """Roofline: compute and collectives fully overlapped; HBM bandwidth ignored."""
+        return max(self.compute_s, self.collective_s)
+
+    @property
+    def mfu(self) -> float:
+        return self.compute_s / self.step_s
+
+
+def plan_slice(cfg: Config, name: str) -> SlicePlan:
+    """Compile `cfg`'s train step for TPU slice `name` (libtpu needed, no TPU)."""
+    devices, chip = slice_devices(name)
+    step = compile_train_step(cfg, devices)
+    tokens = cfg.data.batch_size * cfg.data.seq_len
+    return SlicePlan(
+        name=name,
+        chips=len(devices),
+        chip=chip,
+        step=step,
+        collective_bytes=collective_bytes(collectives(step.hlo)),
+        flops_per_chip=train_flops_per_token(cfg.model, cfg.data.seq_len) * tokens / len(devices),
+    )
+
+
+def format_slice_plan(config_name: str, plan: SlicePlan) -> str:
+    """A human-readable report of `plan`, ending with one JSON line."""
+    step, chip = plan.step, plan.chip
+    mesh = " ".join(f"{k}={v}" for k, v in step.mesh.items())
+    found = collectives(step.hlo)
+    by_kind = ", ".join(
+        f"{sum(c.count for c in ops)} {kind} ({_gib(collective_bytes(ops))})"
+        for kind in sorted({c.kind for c in found})
+        for ops in [[c for c in found if c.kind == kind]]
+    )
+    lines = [
+        f"{config_name} on {plan.name} ({topology_name(plan.name)[0]}, {plan.chips} chips, "
+        f"{mesh}); compiled by XLA for TPU in {step.compile_s:.1f} s",
+        f"  {'parameters':<26}{_gib(step.params):>14}",
+        f"  {'optimizer state':<26}{_gib(step.optimizer):>14}",
+        f"  {'temporaries':<26}{_gib(step.temporaries):>14}",
+        f"  {'peak (args+outputs+temps)':<26}{_gib(step.peak):>14}  of "
+        f"{_gib(chip.hbm_bytes)} HBM per {chip.generation} chip",
+        f"  {'fits' if plan.fits else 'does NOT fit'}: {step.peak / chip.hbm_bytes:.1%} of HBM",
+        f"  collectives per step (loops counted): {by_kind or 'none'}",
+        f"  collective bytes per chip per step: {plan.collective_bytes:,d}; FSDP ideal 3 x "
+        f"{step.param_bytes_compute:,d} = {plan.fsdp_ideal_bytes:,d}",
+        f"  estimate (roofline, not a measurement): {plan.flops_per_chip:.3g} FLOPs per chip "
+        f"/ {chip.peak_bf16_flops / 1e12:.0f} TFLOP/s bf16 = {plan.compute_s * 1e3:.3g} ms, "
+        f"collectives / {chip.ici_bytes_per_s / 1e9:.0f} GB/s ICI = "
+        f"{plan.collective_s * 1e3:.3g} ms; overlapped: {plan.step_s * 1e3:.3g} ms per step, "
+        f"MFU {plan.mfu:.0%}",
+    ]
+    summary = {
+        "topology": topology_name(plan.name)[0],
+        "chips": plan.chips,
+        "mesh": step.mesh,
+        "fits": plan.fits,
+        "hbm_per_chip_bytes": chip.hbm_bytes,
+        "compiled_peak_bytes_per_chip": step.peak,
+        "params_bytes_per_chip": step.params,
+        "optimizer_bytes_per_chip": step.optimizer,
+        "temp_bytes_per_chip": step.temporaries,
+        "collective_bytes_per_step": plan.collective_bytes,
+        "fsdp_ideal_collective_bytes_per_step": plan.fsdp_ideal_bytes,
+        "compile_s": round(step.compile_s, 2),
+        "estimated_step_s": plan.step_s,
+        "estimated_mfu": round(plan.mfu, 4),
+    }
+    return "\n".join(lines + [json.dumps(summary)])

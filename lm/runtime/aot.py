@@ -1,0 +1,268 @@
+"""Ahead-of-time compilation of the real train step for any devices, TPU slices included.
+
+With libtpu installed (`pip install 'lm[tpu]'`), `slice_devices("v5p-128")` describes a TPU
+slice's devices on any host, CPU included, and `compile_train_step` runs the real TPU compiler
+on the train step for them: XLA's per-chip memory and the optimized HLO's collectives, before
+renting the slice. Nothing is allocated: the state and batch are abstract shapes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import math
+import re
+import time
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import jax
+import numpy as np
+
+from lm.config import Config, ConfigError
+from lm.model.build import build_model
+from lm.runtime.mesh import batch_sharding, make_mesh
+from lm.train.objectives import TokenCrossEntropy
+from lm.train.optim import make_optimizer
+from lm.train.state import abstract_with_shardings, plan_train_state
+from lm.train.step import make_train_step
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+    """Datasheet figures of one TPU chip (Cloud TPU system architecture pages)."""
+
+    generation: str
+    hbm_bytes: int
+    peak_bf16_flops: float
+    ici_bytes_per_s: float  # the datasheet's inter-chip interconnect bandwidth, Gbps / 8
+
+
+CHIPS = {
+    "v5e": Chip("v5e", 16 * 2**30, 197e12, 1600e9 / 8),
+    "v5p": Chip("v5p", 95 * 2**30, 459e12, 4800e9 / 8),
+    "v6e": Chip("v6e", 32 * 2**30, 918e12, 3584e9 / 8),
+}
+# Default slice shapes by chip count: v5e and v6e are 2D tori, v5p a 3D torus.
+_SHAPES_2D = {
+    1: "1x1",
+    4: "2x2",
+    8: "2x4",
+    16: "4x4",
+    32: "4x8",
+    64: "8x8",
+    128: "8x16",
+    256: "16x16",
+}
+_SHAPES_3D = {
+    4: "2x2x1",
+    8: "2x2x2",
+    16: "2x2x4",
+    32: "2x4x4",
+    64: "4x4x4",
+    128: "4x4x8",
+    256: "4x8x8",
+    512: "8x8x8",
+    1024: "8x8x16",
+    2048: "8x16x16",
+    4096: "16x16x16",
+    6144: "16x16x24",
+}
+_ALIASES = {"v5litepod": "v5e", "v5lite": "v5e", "v6": "v6e", "v6lite": "v6e"}
+
+
+def topology_name(name: str) -> tuple[str, Chip]:
+    """(libtpu topology string, chip) of a slice: `v5e-256`, `v5p-128`, `v6e-64` or `v5p:4x4x4`.
+
+    As in Cloud TPU accelerator types, v5p-N counts TensorCores (two per chip); v5e-N and v6e-N
+    count chips.
+    """
+    m = re.fullmatch(r"(\w+?)(?:-(\d+)|:(\d+(?:x\d+)+))", name.strip().lower())
+    generation = m and _ALIASES.get(m.group(1), m.group(1))
+    if generation not in CHIPS:
+        raise ConfigError(
+            f"unknown TPU slice {name!r}; use v5e-N, v6e-N, v5p-N (N TensorCores) or a "
+            f"topology such as v5p:4x4x4."
+        )
+    if m.group(3):
+        return f"{generation}:{m.group(3)}", CHIPS[generation]
+    chips = int(m.group(2)) // 2 if generation == "v5p" else int(m.group(2))
+    shapes = _SHAPES_3D if generation == "v5p" else _SHAPES_2D
+    if chips not in shapes:
+        sizes = sorted(n * 2 if generation == "v5p" else n for n in shapes)
+        raise ConfigError(f"no {generation} slice {name!r}; sizes are {sizes}.")
+    return f"{generation}:{shapes[chips]}", CHIPS[generation]
+
+
+def libtpu_available() -> bool:
+    """Whether libtpu is importable (found without importing it: that loads the TPU runtime)."""
+    return importlib.util.find_spec("libtpu") is not None
+
+
+def slice_devices(name: str) -> tuple[list[jax.Device], Chip]:
+    """(devices of TPU slice `name`, its chip), described on this host without TPUs."""
+    topology, chip = topology_name(name)
+    if not libtpu_available():
+        raise ConfigError(
+            f"planning for TPU slice {name!r} needs libtpu; install it with pip install 'lm[tpu]'."
+        )
+    # Imported here: it is only useful with libtpu, and a CPU run never needs it.
+    from jax.experimental import topologies
+
+    return list(topologies.get_topology_desc(topology, "tpu").devices), chip
+
+
+_KINDS = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
+_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2}
+_DTYPE_BYTES |= {"f32": 4, "s32": 4, "u32": 4, "f64": 8, "s64": 8, "u64": 8}
+# `%name = f32[2,3]{1,0} all-gather(...)` or a tuple result `(f32[..], bf16[..]) all-reduce(`.
+_OP = re.compile(r"=\s*(\(.*?\)|\S+)\s+(" + "|".join(_KINDS) + r")(-start)?\(")
+_ARRAY = re.compile(r"(\w+)\[([\d,]*)\]")
+# A computation's header: `%name (params) -> result {` or `ENTRY %name ...{`.
+_HEADER = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$")
+_CALLEES = re.compile(
+    r"\b(calls|to_apply|condition|body|branch_computations)=(\{[^}]*\}|%[\w.\-]+)"
+)
+_NAME = re.compile(r"%([\w.\-]+)")
+# A scan's loop condition: `counter < constant(N)`.
+_LIMIT = re.compile(r"s32\[\]\S*\s+constant\((\d+)\)")
+
+
+class Collective(NamedTuple):
+    kind: str
+    shapes: tuple[str, ...]  # result arrays, e.g. 'bf16[256,704]'
+    bytes: int  # result bytes per device, per execution
+    count: int  # executions per step: the trip counts of the loops around it
+
+
+def _split_computations(hlo: str) -> tuple[dict[str, list[str]], str]:
+    """({computation name: its instruction lines}, the entry computation's name)."""
+    bodies: dict[str, list[str]] = {}
+    entry, current = "", None
+    for line in hlo.splitlines():
+        header = None if line.startswith(" ") else _HEADER.match(line)
+        if header:
+            current = bodies.setdefault(header.group(2), [])
+            entry = header.group(2) if header.group(1) else entry
+        elif current is not None:
+            current.append(line)
+    return bodies, entry
+
+
+def _executions(bodies: dict[str, list[str]], entry: str) -> dict[str, int]:
+    """How many times each computation runs per call of `entry`.
+
+    A while body runs as often as its condition's `counter < N` says (scanned layers: N
+    layers); a loop without such a constant counts once, so its collectives are undercounted.
+    """
+    callers: dict[str, list[tuple[str, int]]] = {}
+    for name, lines in bodies.items():
+        for line in lines:
+            for field, targets in _CALLEES.findall(line):
+                trips = 1
+                if field == "body":
+                    condition = re.search(r"condition=%([\w.\-]+)", line)
+                    limits = _LIMIT.findall("\n".join(bodies.get(condition.group(1), [])))
+                    trips = int(limits[0]) if len(limits) == 1 else 1
+                for callee in _NAME.findall(targets):
+                    callers.setdefault(callee, []).append((name, trips))
+    runs: dict[str, int] = {entry: 1}
+
+    def count(name: str) -> int:
+        if name not in runs:
+            runs[name] = sum(count(caller) * trips for caller, trips in callers.get(name, []))
+        return runs[name]
+
+    return {name: count(name) for name in bodies}
+
+
+def collectives(hlo: str) -> list[Collective]:
+    """Every collective of an optimized HLO module's text (async ones counted once, at -start),
+    with how many times a step executes it."""
+    bodies, entry = _split_computations(hlo)
+    runs = _executions(bodies, entry)
+    found = []
+    for name, lines in bodies.items():
+        for line in lines:
+            m = _OP.search(line)
+            if not m:
+                continue
+            arrays = _ARRAY.findall(m.group(1))
+            if m.group(3):  # `-start` results are (operand, result[, scratch]) tuples
+                arrays = arrays[1:2]
+            shapes = tuple(f"{t}[{d}]" for t, d in arrays)
+            nbytes = sum(
+                _DTYPE_BYTES[t] * math.prod(int(x) for x in d.split(",") if x) for t, d in arrays
+            )
+            found.append(Collective(m.group(2), shapes, nbytes, runs[name]))
+    return found
+
+
+def collective_bytes(found: Sequence[Collective]) -> int:
+    """Bytes per device per step of `found`, loops counted."""
+    return sum(c.bytes * c.count for c in found)
+
+
+@dataclasses.dataclass(frozen=True)
+class CompiledStep:
+    """What the compiler says about one train step on one set of devices (bytes per device)."""
+
+    hlo: str  # optimized HLO text
+    mesh: dict[str, int]
+    params: int  # parameters held per device, as sharded
+    optimizer: int  # optimizer state held per device
+    arguments: int  # XLA memory_analysis(): state + batch
+    outputs: int
+    aliased: int  # outputs written in place of donated arguments
+    temporaries: int
+    param_bytes_compute: int  # all parameters in the compute dtype (FSDP's ideal traffic / 3)
+    compile_s: float
+
+    @property
+    def peak(self) -> int:
+        """Bytes live at once per device: arguments, new outputs and temporaries."""
+        return self.arguments + self.outputs - self.aliased + self.temporaries
+
+
+def _per_device_bytes(tree) -> int:
+    return sum(
+        math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(tree)
+    )
+
+
+def compile_train_step(cfg: Config, devices: Sequence[jax.Device] | None = None) -> CompiledStep:
+    """Compile `cfg`'s train step for `devices` (default: this host's) from abstract shapes."""
+    mesh = make_mesh(cfg.mesh, devices)
+    tx = make_optimizer(cfg.optim, cfg.train.steps)
+    # Planned outside `set_mesh`: optax builds placeholder states eagerly, on the default
+    # backend, which must not be a deviceless TPU topology's.
+    graphdef, abstract, shardings, _ = plan_train_state(lambda r: build_model(cfg, r), tx, mesh, 0)
+    state = abstract_with_shardings(abstract, shardings)
+    rows = (cfg.data.batch_size, cfg.data.seq_len)
+    batch = {
+        k: jax.ShapeDtypeStruct(
+            rows, np.float32 if k == "weights" else np.int32, sharding=batch_sharding(mesh)
+        )
+        for k in ("inputs", "targets", "weights", "segment_ids", "positions")
+    }
+    start = time.perf_counter()
+    with jax.set_mesh(mesh):
+        step = make_train_step(graphdef, tx, TokenCrossEntropy(), shardings, cfg.optim.grad_accum)
+        compiled = step.lower(state, batch).compile()
+    compile_s = time.perf_counter() - start
+    memory = compiled.memory_analysis()
+    itemsize = np.dtype(cfg.model.dtype).itemsize
+    return CompiledStep(
+        hlo=compiled.as_text(),
+        mesh=dict(mesh.shape),
+        params=_per_device_bytes(state.params),
+        optimizer=_per_device_bytes(state.opt_state),
+        arguments=memory.argument_size_in_bytes,
+        outputs=memory.output_size_in_bytes,
+        aliased=memory.alias_size_in_bytes,
+        temporaries=memory.temp_size_in_bytes,
+        param_bytes_compute=sum(
+            math.prod(a.shape) * itemsize for a in jax.tree.leaves(abstract.params)
+        ),
+        compile_s=compile_s,
+    )

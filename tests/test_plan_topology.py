@@ -1,0 +1,125 @@
+"""`lm plan --topology`: TPU slice names, the libtpu-missing error, the HLO collectives parser,
+and (slow, with libtpu) the real TPU compile of a tiny config."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import pytest
+
+from lm.cli import main
+from lm.config import ConfigError
+from lm.runtime import aot
+from lm.runtime.aot import CHIPS, Collective, collective_bytes, collectives, topology_name
+
+TINY = [
+    "model.num_layers=2",
+    "model.d_model=128",
+    "model.num_heads=4",
+    "model.num_kv_heads=2",
+    "model.d_ff=256",
+    "model.vocab_size=512",
+    "model.max_seq_len=64",
+    "data.seq_len=64",
+    "data.batch_size=8",
+    "mesh.data=1",
+    "mesh.fsdp=-1",
+]
+
+
+@pytest.mark.parametrize(
+    "name, topology",
+    [
+        ("v5e-256", "v5e:16x16"),
+        ("v5litepod-8", "v5e:2x4"),
+        ("v6e-64", "v6e:8x8"),
+        ("v5p-8", "v5p:2x2x1"),  # v5p counts TensorCores: 4 chips
+        ("v5p-128", "v5p:4x4x4"),
+        ("v5p-512", "v5p:4x8x8"),
+        ("V5P:2x2x1", "v5p:2x2x1"),
+        ("v5e:2x2", "v5e:2x2"),
+    ],
+)
+def test_slice_names_map_to_libtpu_topologies(name, topology):
+    assert topology_name(name) == (topology, CHIPS[topology[:3]])
+
+
+@pytest.mark.parametrize("name", ["v5p-12", "v5e-3", "h100-8", "v4-8", "v5e"])
+def test_unknown_slices_are_refused(name):
+    with pytest.raises(ConfigError):
+        topology_name(name)
+
+
+def test_topology_without_libtpu_is_one_sentence(monkeypatch, capsys):
+    monkeypatch.setattr(aot, "libtpu_available", lambda: False)
+    assert main(["plan", "--topology", "v5e-8", *TINY]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert "pip install 'lm[tpu]'" in err
+
+
+# A scanned layer: the while body runs 3 times (`counter < 3`), its all-gather with it.
+HLO = """\
+HloModule step
+
+%cond (p: (s32[], bf16[64,704])) -> pred[] {
+  %p = (s32[], bf16[64,704]{1,0}) parameter(0)
+  %i = s32[] get-tuple-element(%p), index=0
+  %n = s32[]{:T(128)} constant(3)
+  ROOT %lt = pred[] compare(%i, %n), direction=LT
+}
+
+%body (q: (s32[], bf16[64,704])) -> (s32[], bf16[64,704]) {
+  %q = (s32[], bf16[64,704]{1,0}) parameter(0)
+  %j = s32[] get-tuple-element(%q), index=0
+  %w = bf16[64,704]{1,0} get-tuple-element(%q), index=1
+  %ag = bf16[256,704]{1,0:T(8,128)(2,1)} all-gather(bf16[64,704]{1,0} %w), dimensions={0}
+  ROOT %t = (s32[], bf16[64,704]{1,0}) tuple(%j, %w)
+}
+
+ENTRY %main (a: f32[], b: f32[256]) -> f32[16] {
+  %ar = (f32[], f32[256]{0}) all-reduce(f32[] %a, f32[256]{0} %b), to_apply=%add
+  %ags = (bf16[8,16]{1,0}, bf16[32,16]{1,0}) all-gather-start(bf16[8,16]{1,0} %x)
+  %agd = bf16[32,16]{1,0} all-gather-done((bf16[8,16]{1,0}, bf16[32,16]{1,0}) %ags)
+  %loop = (s32[], bf16[64,704]{1,0}) while(%init), condition=%cond, body=%body
+  %add = f32[4]{0} add(f32[4]{0} %u, f32[4]{0} %v)
+  ROOT %rs = f32[16]{0} reduce-scatter(f32[64]{0} %g), dimensions={0}
+}
+"""
+
+
+def test_collectives_parser_counts_result_bytes_and_loop_trips():
+    found = collectives(HLO)
+    assert found == [
+        Collective("all-gather", ("bf16[256,704]",), 256 * 704 * 2, 3),
+        Collective("all-reduce", ("f32[]", "f32[256]"), 4 + 256 * 4, 1),
+        Collective("all-gather", ("bf16[32,16]",), 32 * 16 * 2, 1),  # async: at -start only
+        Collective("reduce-scatter", ("f32[16]",), 16 * 4, 1),
+    ]
+    assert collective_bytes(found) == 3 * 256 * 704 * 2 + 4 + 256 * 4 + 32 * 16 * 2 + 16 * 4
+
+
+@pytest.fixture
+def no_compilation_cache():
+    """TPU executables cannot be read back on a CPU host: keep them out of the tests' cache."""
+    jax.config.update("jax_enable_compilation_cache", False)
+    yield
+    jax.config.update("jax_enable_compilation_cache", True)
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("no_compilation_cache")
+@pytest.mark.parametrize("topology, chips", [("v5e:2x2", 4), ("v5p:2x2x1", 4)])
+def test_tiny_config_compiles_for_a_tpu_slice_and_fits(topology, chips, capsys):
+    pytest.importorskip("libtpu")
+    assert main(["plan", "--topology", topology, *TINY]) == 0
+    out = capsys.readouterr().out
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert summary["fits"] is True
+    assert summary["chips"] == chips and summary["mesh"]["fsdp"] == chips
+    assert summary["hbm_per_chip_bytes"] == CHIPS[topology[:3]].hbm_bytes
+    assert 0 < summary["compiled_peak_bytes_per_chip"] < summary["hbm_per_chip_bytes"]
+    assert summary["collective_bytes_per_step"] > 0  # FSDP gathers weights
+    assert summary["fsdp_ideal_collective_bytes_per_step"] > 0
+    assert 0 < summary["estimated_mfu"] <= 1
