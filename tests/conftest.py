@@ -56,6 +56,28 @@ def random_batch(rows: int = 8, length: int = 16, vocab: int = 64, seed: int = 0
     }
 
 
+def subprocess_run_config(
+    corpus: pathlib.Path, data_dir: pathlib.Path, tokenizer: pathlib.Path, mesh: dict, train: dict
+) -> dict:
+    """A YAML-ready config tree of a tiny model on `corpus`, for runs of `lm` in subprocesses."""
+    return {
+        "model": dict(
+            vocab_size=300, d_model=32, num_layers=2, num_heads=4, d_ff=64, max_seq_len=16
+        ),
+        "data": dict(
+            source=str(corpus),
+            data_dir=str(data_dir),
+            tokenizer=str(tokenizer),
+            seq_len=16,
+            batch_size=8,
+            validation_fraction=0.2,
+        ),
+        "mesh": mesh,
+        "train": dict(log_every=1, eval_batches=1, sample_tokens=0, **train),
+        "checkpoint": dict(every=5),
+    }
+
+
 def write_tiny_corpus(directory: pathlib.Path) -> pathlib.Path:
     """12 small text files of random words from an 11-word vocabulary in `directory/corpus`."""
     corpus = directory / "corpus"

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from conftest import write_tiny_corpus
+from conftest import subprocess_run_config, write_tiny_corpus
 
 from lm.data.tokenizer import train_tokenizer
 
@@ -42,22 +42,9 @@ def workspace(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("faults")
     corpus = write_tiny_corpus(root)
     train_tokenizer([p.read_text() for p in sorted(corpus.iterdir())], root / "tok.model", 300)
-    config = {
-        "model": dict(
-            vocab_size=300, d_model=32, num_layers=2, num_heads=4, d_ff=64, max_seq_len=16
-        ),
-        "data": dict(
-            source=str(corpus),
-            data_dir=str(root / "tfds"),
-            tokenizer=str(root / "tok.model"),
-            seq_len=16,
-            batch_size=8,
-            validation_fraction=0.2,
-        ),
-        "mesh": dict(data=-1),
-        "train": dict(steps=STEPS, log_every=1, eval_every=1000, eval_batches=1, sample_tokens=0),
-        "checkpoint": dict(every=5),
-    }
+    config = subprocess_run_config(
+        corpus, root / "tfds", root / "tok.model", dict(data=-1), dict(steps=STEPS, eval_every=1000)
+    )
     (root / "tiny.yaml").write_text(yaml.safe_dump(config))
     return root
 

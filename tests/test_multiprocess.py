@@ -19,6 +19,7 @@ import jax
 import numpy as np
 import pytest
 import yaml
+from conftest import subprocess_run_config
 
 from lm.data.tokenizer import train_tokenizer
 
@@ -40,22 +41,13 @@ def workspace(tmp_path_factory) -> Path:
         texts.append("\n".join(" ".join(rng.choice(words, 9)) for _ in range(40)) + "\n")
         (corpus / f"doc{i:02d}.txt").write_text(texts[-1])
     train_tokenizer(texts, root / "tokenizer.model", 300)
-    config = {
-        "model": dict(
-            vocab_size=300, d_model=32, num_layers=2, num_heads=4, d_ff=64, max_seq_len=16
-        ),
-        "data": dict(
-            source=str(corpus),
-            data_dir=str(root / "tfds"),
-            tokenizer=str(root / "tokenizer.model"),
-            seq_len=16,
-            batch_size=8,
-            validation_fraction=0.2,
-        ),
-        "mesh": dict(data=2, fsdp=2, tensor=2),
-        "train": dict(steps=6, log_every=1, eval_every=100, eval_batches=1, sample_tokens=0),
-        "checkpoint": dict(every=5),
-    }
+    config = subprocess_run_config(
+        corpus,
+        root / "tfds",
+        root / "tokenizer.model",
+        dict(data=2, fsdp=2, tensor=2),
+        dict(steps=6, eval_every=100),
+    )
     (root / "tiny.yaml").write_text(yaml.safe_dump(config))
     return root
 
