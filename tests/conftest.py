@@ -56,6 +56,23 @@ def random_batch(rows: int = 8, length: int = 16, vocab: int = 64, seed: int = 0
     }
 
 
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """The environment of an `lm` subprocess in tests: CPU devices, the shared compilation
+    cache, short multi-host timeouts, no launcher variables from the outer shell; plus `extra`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LM_", "SLURM_"))}
+    env.update(
+        JAX_PLATFORMS="cpu",
+        TF_CPP_MIN_LOG_LEVEL="2",
+        JAX_COMPILATION_CACHE_DIR=str(_CACHE),
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+        LM_HEARTBEAT_S="5",
+        LM_SHUTDOWN_TIMEOUT_S="10",
+        **extra,
+    )
+    return env
+
+
 def subprocess_run_config(
     corpus: pathlib.Path, data_dir: pathlib.Path, tokenizer: pathlib.Path, mesh: dict, train: dict
 ) -> dict:

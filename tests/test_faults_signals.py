@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from conftest import subprocess_run_config, write_tiny_corpus
+from conftest import subprocess_env, subprocess_run_config, write_tiny_corpus
 
 from lm.data.tokenizer import train_tokenizer
 
@@ -49,26 +49,11 @@ def workspace(tmp_path_factory) -> Path:
     return root
 
 
-def _env(devices: int) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("LM_", "SLURM_"))}
-    env.update(
-        JAX_PLATFORMS="cpu",
-        JAX_NUM_CPU_DEVICES=str(devices),
-        TF_CPP_MIN_LOG_LEVEL="2",
-        JAX_COMPILATION_CACHE_DIR=str(ROOT / ".cache" / "jax"),
-        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
-        LM_HEARTBEAT_S="5",
-        LM_SHUTDOWN_TIMEOUT_S="10",
-    )
-    return env
-
-
 def _start(root: Path, run_dir: Path, *args: str, devices: int = 2) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "lm", "pretrain", "--config", str(root / "tiny.yaml")]
     return subprocess.Popen(
         [*cmd, f"train.run_dir={run_dir}", *args],
-        env=_env(devices),
+        env=subprocess_env(JAX_NUM_CPU_DEVICES=str(devices)),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,

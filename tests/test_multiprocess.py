@@ -19,7 +19,7 @@ import jax
 import numpy as np
 import pytest
 import yaml
-from conftest import subprocess_run_config
+from conftest import subprocess_env, subprocess_run_config
 
 from lm.data.tokenizer import train_tokenizer
 
@@ -53,22 +53,9 @@ def workspace(tmp_path_factory) -> Path:
 
 
 def _env(processes: int, devices: int) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("LM_", "SLURM_"))}
-    env.update(
-        JAX_PLATFORMS="cpu",
-        TF_CPP_MIN_LOG_LEVEL="2",
-        JAX_COMPILATION_CACHE_DIR=str(ROOT / ".cache" / "jax"),
-        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
-        LM_HEARTBEAT_S="5",
-        LM_SHUTDOWN_TIMEOUT_S="10",
-        LM_GRACE_S="20",
-    )
-    if processes == 1:
-        env["JAX_NUM_CPU_DEVICES"] = str(devices)
-    else:
-        env["LM_LOCAL_DEVICES"] = str(devices)
-    return env
+    # One process sees its devices directly; launched processes get theirs from the launcher.
+    devices_var = "JAX_NUM_CPU_DEVICES" if processes == 1 else "LM_LOCAL_DEVICES"
+    return subprocess_env(LM_GRACE_S="20", **{devices_var: str(devices)})
 
 
 def _lm_cmd(
