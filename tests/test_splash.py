@@ -1,4 +1,5 @@
-"""Splash attention (the Pallas interpreter on CPU) against the `math` kernel, and `auto`."""
+"""Splash attention (the Pallas interpreter on CPU) against the `math` kernel, and the
+platform profiles that choose it."""
 
 import dataclasses
 
@@ -9,12 +10,13 @@ import pytest
 from conftest import random_batch, tiny_model
 from flax import nnx
 
-from lm.config import Config, MeshConfig
+from lm.config import Config, DataConfig, MeshConfig
 from lm.model.attention import attention_mask, dot_product_attention
-from lm.model.build import resolve_attention
+from lm.model.build import build_model
 from lm.model.splash import block_sizes, splash_attention
 from lm.model.transformer import Transformer
 from lm.runtime.mesh import make_mesh
+from lm.runtime.platforms import for_platform
 
 # Two or three documents packed per row, ending mid-tile so tiles mix segments. L=384 takes
 # 128-wide tiles: 3 x 3 per head, some skipped (causal), some partly masked.
@@ -78,11 +80,32 @@ def test_block_sizes_suit_short_and_long_sequences():
         block_sizes(100)
 
 
-def test_auto_attention_is_xla_on_cpu():
-    cfg = Config(model=tiny_model(attention="auto"))
-    assert resolve_attention(cfg).model.attention == "xla"
-    explicit = dataclasses.replace(cfg, model=tiny_model(attention="math"))
-    assert resolve_attention(explicit) is explicit
+@pytest.mark.parametrize(
+    "platform, seq_len, attention, loss_chunk",
+    [
+        ("cpu", 1024, "math", 0),
+        ("gpu", 1024, "cudnn", 512),
+        ("tpu", 1024, "splash", 512),
+        ("tpu", 512, "splash", 0),  # a one-tile loss tiles nothing
+        ("tpu", 200, "xla", 0),  # splash needs 128-token lanes; 512 does not divide 200
+    ],
+)
+def test_platform_profiles_choose_the_auto_values(platform, seq_len, attention, loss_chunk):
+    cfg = Config(model=tiny_model(max_seq_len=1024), data=DataConfig(seq_len=seq_len))
+    chosen = for_platform(cfg, platform)
+    assert (chosen.model.attention, chosen.train.loss_chunk) == (attention, loss_chunk)
+    explicit = dataclasses.replace(
+        cfg,
+        model=dataclasses.replace(cfg.model, attention="xla"),
+        train=dataclasses.replace(cfg.train, loss_chunk=256),
+    )
+    assert for_platform(explicit, "tpu") is explicit
+
+
+def test_models_built_on_this_cpu_use_its_profile():
+    with nnx.use_eager_sharding(False):
+        model = nnx.eval_shape(lambda: build_model(Config(model=tiny_model()), nnx.Rngs(0)))
+    assert model.cfg.attention == "math"
 
 
 @pytest.mark.parametrize("kv_heads", [2, 1])

@@ -16,6 +16,7 @@ import numpy as np
 from lm.config import Config
 from lm.runtime.flops import peak_flops, train_flops_per_token
 from lm.runtime.mesh import batch_sharding
+from lm.runtime.platforms import for_platform
 from lm.train.loop import run_mesh, start_session
 from lm.train.objectives import TokenCrossEntropy
 from lm.train.optim import make_optimizer
@@ -34,6 +35,23 @@ def synthetic_batch(cfg: Config, seed: int = 0) -> dict[str, np.ndarray]:
     }
 
 
+def time_steps(step, state, batch, steps: int, warmup: int) -> tuple[list[float], float, dict]:
+    """(seconds of each of `steps` steps after `warmup`, seconds of the warm-up, which
+    includes compiling, and the last step's metrics)."""
+    start = time.perf_counter()
+    for _ in range(warmup):
+        state, metrics = step(state, batch)
+    jax.block_until_ready(metrics)
+    warmup_s = time.perf_counter() - start
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        state, metrics = step(state, batch)
+        jax.block_until_ready(metrics)
+        times.append(time.perf_counter() - start)
+    return times, warmup_s, metrics
+
+
 def bench(cfg: Config, steps: int = 10, warmup: int = 2) -> dict:
     """Time `steps` train steps after `warmup`; prints and returns tokens/s and MFU."""
     mesh = run_mesh(cfg)
@@ -41,20 +59,10 @@ def bench(cfg: Config, steps: int = 10, warmup: int = 2) -> dict:
     tx = make_optimizer(cfg.optim, max(cfg.train.steps, steps + warmup))
     with jax.set_mesh(mesh):
         session = start_session(cfg, mesh, tx)
-        objective = TokenCrossEntropy(cfg.train.z_loss, cfg.train.loss_chunk)
+        objective = TokenCrossEntropy(cfg.train.z_loss, for_platform(cfg).train.loss_chunk)
         step, state = session.train_step(objective), session.state
         batch = jax.device_put(synthetic_batch(cfg), batch_sharding(mesh))
-        compile_start = time.perf_counter()
-        for _ in range(warmup):
-            state, metrics = step(state, batch)
-        jax.block_until_ready(metrics)
-        compile_s = time.perf_counter() - compile_start
-        times = []
-        for _ in range(steps):
-            start = time.perf_counter()
-            state, metrics = step(state, batch)
-            jax.block_until_ready(metrics)
-            times.append(time.perf_counter() - start)
+        times, compile_s, metrics = time_steps(step, state, batch, steps, warmup)
     tokens = cfg.data.batch_size * cfg.data.seq_len
     median = statistics.median(times)
     flops = train_flops_per_token(cfg.model, cfg.data.seq_len) * tokens

@@ -30,6 +30,7 @@ from lm.evaluation.lm_metrics import evaluate_lm
 from lm.run_dir import load_run, read_run_config
 from lm.runtime.distributed import initialize, process_zero_first
 from lm.runtime.mesh import batch_sharding, make_mesh
+from lm.runtime.platforms import for_platform
 from lm.tasks import task_named
 from lm.train.objectives import TokenCrossEntropy
 from lm.train.step import make_eval_step
@@ -136,7 +137,8 @@ def evaluate_run(
     token_bytes = run.tokenizer.token_bytes()
 
     with jax.set_mesh(mesh):
-        eval_step = make_eval_step(run.graphdef, TokenCrossEntropy(loss_chunk=cfg.train.loss_chunk))
+        objective = TokenCrossEntropy(loss_chunk=for_platform(cfg).train.loss_chunk)
+        eval_step = make_eval_step(run.graphdef, objective)
 
         def score(batches: Iterable, total: int, label: str, bytes_V) -> dict[str, float]:
             batches = _progress(batches, total, label)

@@ -11,7 +11,8 @@ estimate of what the backward pass keeps, per micro-batch on one device:
   log-sum-exp), and the MLP's hidden activations (3·F / t for SwiGLU, 2·F / t for GELU);
 - with full remat, per layer and token only the block input (D), plus one block's activations
   alive while it is recomputed;
-- both: the f32 logits and their gradient (2·V / t per token).
+- both: the f32 logits and their gradient (2·V / t per token; with a tiled loss, that times
+  the chunk's share of the sequence).
 
 Here t is the tensor-parallel size, B·L the micro-batch tokens on one device (batch over
 data·fsdp, split by gradient accumulation). Against XLA's `memory_analysis()` of the compiled
@@ -48,6 +49,8 @@ from lm.runtime.aot import (
 )
 from lm.runtime.flops import train_flops_per_token
 from lm.runtime.mesh import MESH_AXES, logical_to_spec
+from lm.runtime.platforms import for_platform
+from lm.train.freeze import trainable_groups, trainable_mask
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,6 +86,10 @@ def _shard_elements(shape: tuple[int, ...], logical, mesh: dict[str, int]) -> in
     return count
 
 
+def _variables(tree) -> list[nnx.Variable]:
+    return jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
 def _activation_bytes(cfg: Config, mesh: dict[str, int], remat: bool) -> tuple[int, int]:
     """(tokens per device per micro-batch, bytes of activations kept for the backward pass)."""
     m = cfg.model
@@ -91,18 +98,21 @@ def _activation_bytes(cfg: Config, mesh: dict[str, int], remat: bool) -> tuple[i
     t = mesh["tensor"]
     d, f, h, g, hd, seq = m.d_model, m.d_ff, m.num_heads, m.kv_heads, m.head_dim, cfg.data.seq_len
     # Fused kernels keep one softmax statistic per query and head, not the [L, L] probabilities.
-    probs = h if m.attention in ("cudnn", "splash", "auto") else h * seq
+    probs = h if m.attention in ("cudnn", "splash") else h * seq
     hidden = 3 * f if m.mlp == "swiglu" else 2 * f
     block = 4 * d + (2 * d + 2 * g * hd + probs + hidden) / t
     width = jnp.dtype(m.dtype).itemsize
     kept = (m.num_layers * d + block) if remat else m.num_layers * block
-    logits = 2 * m.vocab_size / t * 4  # f32 logits and their gradient
+    # f32 logits and their gradient; a tiled loss holds one chunk's at a time.
+    chunk = cfg.train.loss_chunk or seq
+    logits = 2 * m.vocab_size / t * 4 * chunk / seq
     return tokens, int(tokens * (kept * width + logits))
 
 
-def plan_memory(cfg: Config, devices: int) -> MemoryPlan:
-    """Memory per device of training `cfg` on `devices` devices (mesh from `cfg.mesh`)."""
-
+def plan_memory(cfg: Config, devices: int, platform: str | None = None) -> MemoryPlan:
+    """Memory per device of training `cfg` on `devices` devices (mesh from `cfg.mesh`) of
+    `platform` (default: this machine's), whose profile chooses the `auto` values."""
+    cfg = for_platform(cfg, platform)
     sizes = dict(zip(MESH_AXES, mesh_shape(cfg.mesh, devices), strict=True))
     micro = cfg.data.batch_size // cfg.optim.grad_accum
     if micro % (sizes["data"] * sizes["fsdp"]):
@@ -112,14 +122,16 @@ def plan_memory(cfg: Config, devices: int) -> MemoryPlan:
         )
     with nnx.use_eager_sharding(False):
         _, abstract = abstract_split(lambda: build_model(cfg, nnx.Rngs(0)))
-    variables = jax.tree.leaves(abstract, is_leaf=lambda x: isinstance(x, nnx.Variable))
-    params = [v for v in variables if isinstance(v, nnx.Param)]
-    count = sum(math.prod(v.shape) for v in params)
-    param_bytes = sum(
-        _shard_elements(v.shape, v.get_metadata().get("out_sharding"), sizes) * v.dtype.itemsize
-        for v in params
-    )
-    accumulator = param_bytes if cfg.optim.grad_accum > 1 else 0
+    params = abstract.filter(nnx.Param)
+    trainable = trainable_groups(cfg) if cfg.finetune.task else None
+    trains = trainable_mask(params, trainable) if trainable else params
+    count, param_bytes, trained_bytes = 0, 0, 0
+    for v, t in zip(_variables(params), _variables(trains), strict=True):
+        count += math.prod(v.shape)
+        size = _shard_elements(v.shape, v.get_metadata().get("out_sharding"), sizes)
+        param_bytes += size * v.dtype.itemsize
+        trained_bytes += size * v.dtype.itemsize if t.get_value() is not False else 0
+    accumulator = trained_bytes if cfg.optim.grad_accum > 1 else 0
     tokens, no_remat = _activation_bytes(cfg, sizes, remat=False)
     _, full_remat = _activation_bytes(cfg, sizes, remat=True)
     return MemoryPlan(
@@ -128,8 +140,9 @@ def plan_memory(cfg: Config, devices: int) -> MemoryPlan:
         parameters=count,
         tokens_per_device=tokens,
         params=param_bytes,
-        optimizer=2 * param_bytes,  # AdamW: first and second moments, sharded like the params
-        gradients=param_bytes + accumulator,
+        # AdamW's two moments and the gradients, for the parameters that train
+        optimizer=2 * trained_bytes,
+        gradients=trained_bytes + accumulator,
         activations_no_remat=no_remat,
         activations_full_remat=full_remat,
     )
@@ -166,8 +179,9 @@ class SlicePlan:
     chips: int
     chip: Chip
     step: CompiledStep
-    collective_bytes: int  # per chip per step
+    collective_bytes: int  # sent per chip per step
     flops_per_chip: float  # model FLOPs per chip per step
+    analytic_bytes: int  # `plan_memory`'s total for the same config and chips
 
     @property
     def fits(self) -> bool:
@@ -208,7 +222,12 @@ def plan_slice(cfg: Config, name: str) -> SlicePlan:
         step=step,
         collective_bytes=collective_bytes(collectives(step.hlo)),
         flops_per_chip=train_flops_per_token(cfg.model, cfg.data.seq_len) * tokens / len(devices),
+        analytic_bytes=_analytic_total(cfg, plan_memory(cfg, len(devices), "tpu")),
     )
+
+
+def _analytic_total(cfg: Config, plan: MemoryPlan) -> int:
+    return plan.total_no_remat if cfg.model.remat == "none" else plan.total_full_remat
 
 
 def format_slice_plan(config_name: str, plan: SlicePlan) -> str:
@@ -230,9 +249,12 @@ def format_slice_plan(config_name: str, plan: SlicePlan) -> str:
         f"  {'peak (args+outputs+temps)':<26}{_gib(step.peak):>14}  of "
         f"{_gib(chip.hbm_bytes)} HBM per {chip.generation} chip",
         f"  {'fits' if plan.fits else 'does NOT fit'}: {step.peak / chip.hbm_bytes:.1%} of HBM",
+        f"  analytic plan (lm plan without --topology): {_gib(plan.analytic_bytes).strip()}, "
+        f"{plan.analytic_bytes / step.peak - 1:+.0%} against XLA's peak",
         f"  collectives per step (loops counted): {by_kind or 'none'}",
-        f"  collective bytes per chip per step: {plan.collective_bytes:,d}; FSDP ideal 3 x "
-        f"{step.param_bytes_compute:,d} = {plan.fsdp_ideal_bytes:,d}",
+        f"  collective bytes sent per chip per step (ring; an all-reduce counts twice): "
+        f"{plan.collective_bytes:,d}; FSDP ideal 3 x {step.param_bytes_compute:,d} = "
+        f"{plan.fsdp_ideal_bytes:,d} ({plan.collective_bytes / plan.fsdp_ideal_bytes:.2f}x)",
         f"  estimate (roofline, not a measurement): {plan.flops_per_chip:.3g} FLOPs per chip "
         f"/ {chip.peak_bf16_flops / 1e12:.0f} TFLOP/s bf16 = {plan.compute_s * 1e3:.3g} ms, "
         f"collectives / {chip.ici_bytes_per_s / 1e9:.0f} GB/s ICI = "
@@ -249,6 +271,7 @@ def format_slice_plan(config_name: str, plan: SlicePlan) -> str:
         "params_bytes_per_chip": step.params,
         "optimizer_bytes_per_chip": step.optimizer,
         "temp_bytes_per_chip": step.temporaries,
+        "analytic_peak_bytes_per_chip": plan.analytic_bytes,
         "collective_bytes_per_step": plan.collective_bytes,
         "fsdp_ideal_collective_bytes_per_step": plan.fsdp_ideal_bytes,
         "compile_s": round(step.compile_s, 2),

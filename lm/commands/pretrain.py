@@ -24,6 +24,7 @@ from lm.run_dir import write_run_files
 from lm.runtime.distributed import initialize, process_zero_first
 from lm.runtime.flops import peak_flops
 from lm.runtime.mesh import batch_sharding
+from lm.runtime.platforms import for_platform
 from lm.train.checkpoint import Checkpointer
 from lm.train.loop import run_mesh, start_session
 from lm.train.metrics import MetricsWriter
@@ -66,7 +67,7 @@ def _pretrain(cfg: Config, mesh: Mesh, run_dir: epath.Path) -> dict[str, float]:
         session = start_session(cfg, mesh, tx, checkpointer, writer)
 
         mlm = cfg.train.objective == "mlm"
-        objective = TokenCrossEntropy(cfg.train.z_loss, cfg.train.loss_chunk)
+        objective = TokenCrossEntropy(cfg.train.z_loss, for_platform(cfg).train.loss_chunk)
         masking = masking_for(cfg.data, cfg.model.vocab_size, data.tokenizer) if mlm else None
         train_batches = MaskedStepBatches(data.train, masking) if mlm else data.train
         eval_step = make_eval_step(session.graphdef, objective)

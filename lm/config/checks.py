@@ -67,7 +67,6 @@ def validate(cfg: Config, device_count: int | None = None) -> None:
             "optim.clip_norm": o.clip_norm,
             "optim.warmup_steps": o.warmup_steps,
             "train.z_loss": t.z_loss,
-            "train.loss_chunk": t.loss_chunk,
             "train.eval_batches": t.eval_batches,
             "model.num_kv_heads": m.num_kv_heads,
             "model.type_vocab_size": m.type_vocab_size,
@@ -112,10 +111,16 @@ def validate(cfg: Config, device_count: int | None = None) -> None:
             f"data.stride={d.stride} is longer than data.seq_len={d.seq_len}, so windows would "
             "skip tokens; use a stride from 1 to data.seq_len (0 = data.seq_len)."
         )
-    if t.loss_chunk and (d.seq_len % t.loss_chunk or t.loss_chunk == d.seq_len):
+    if t.loss_chunk > 0 and (d.seq_len % t.loss_chunk or t.loss_chunk == d.seq_len):
         raise ConfigError(
             f"train.loss_chunk={t.loss_chunk} must be a divisor of data.seq_len={d.seq_len} "
-            "smaller than it (a whole-sequence chunk tiles nothing); or 0 for no tiling."
+            "smaller than it (a whole-sequence chunk tiles nothing); or 0 for no tiling, -1 "
+            "for the platform's choice."
+        )
+    if t.loss_chunk < -1:
+        raise ConfigError(
+            f"train.loss_chunk={t.loss_chunk} is negative; use a divisor of data.seq_len, 0 for "
+            "no tiling or -1 for the platform's choice."
         )
     if d.batch_size % o.grad_accum:
         raise ConfigError(

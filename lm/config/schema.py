@@ -39,9 +39,9 @@ class ModelConfig:
     scan_layers: bool = True
     remat: Literal["none", "full", "dots", "dots_no_batch"] = "none"
     # xla: jax.nn.dot_product_attention; cudnn: its cuDNN kernel (GPU); math: explicit einsums;
-    # splash: Pallas splash attention (TPU; from segment ids, no dense mask); auto: at model
-    # build, splash on TPU, cudnn on GPU, xla elsewhere
-    attention: Literal["xla", "cudnn", "math", "splash", "auto"] = "xla"
+    # splash: Pallas splash attention (TPU; from segment ids, no dense mask); auto: the
+    # platform's profile (lm/runtime/platforms.py): splash on TPU, cudnn on GPU, math on CPU
+    attention: Literal["xla", "cudnn", "math", "splash", "auto"] = "auto"
     init_std: float = 0.02
     causal: bool = True  # False = bidirectional encoder (masked-LM pretraining)
     # Hugging Face architecture options (GPT-2, Llama, BERT); the defaults are this project's own.
@@ -142,8 +142,9 @@ class TrainConfig:
     log_every: int = 10
     z_loss: float = 0.0
     # tokens per slice of the sequence for a tiled language-model loss, whose [batch, length,
-    # vocab] logits never exist at once (0 = off: one logits tensor); must divide data.seq_len
-    loss_chunk: int = 0
+    # vocab] logits never exist at once (0 = off: one logits tensor; -1 = the platform's
+    # profile: 512 on TPU and GPU where it divides data.seq_len, off on CPU)
+    loss_chunk: int = -1
     sample_tokens: int = 200  # length of the sample printed at the end (0 = none)
     sample_prompt: str = ""
     # clm: next token, causal model; mlm: masked tokens, encoder

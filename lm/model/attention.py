@@ -24,6 +24,7 @@ from lm.model.kv_cache import LayerCache
 from lm.model.linear import dense
 from lm.model.params import param
 from lm.runtime.mesh import constrain
+from lm.runtime.platforms import attention_kernel
 
 _NEG_INF = -1e30  # large finite negative: exp() underflows to 0 without producing NaN rows
 
@@ -154,6 +155,12 @@ def math_attention(
     )
 
 
+def _heads_split() -> bool:
+    """Whether the mesh in use splits attention heads (a 'tensor' axis longer than 1)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return not mesh.empty and dict(mesh.shape).get("tensor", 1) > 1
+
+
 def dot_product_attention(
     q_BxLxHxK: jax.Array,
     k: jax.Array,
@@ -227,13 +234,23 @@ class Attention(nnx.Module):
         cfg = self.cfg
         dt = jnp.dtype(cfg.dtype)
         h, g = cfg.num_heads, cfg.kv_heads
-        # One GEMM for Q, K and V together: a wider matmul keeps the cores busier.
-        w_Dx_HGGxK = jnp.concatenate([self.wq[...], self.wk[...], self.wv[...]], axis=1)
-        qkv_BxLx_HGGxK = dense(x_BxLxD, w_Dx_HGGxK, dt)
-        if cfg.bias:
-            b_HGGxK = jnp.concatenate([self.bq[...], self.bk[...], self.bv[...]], axis=0)
-            qkv_BxLx_HGGxK = qkv_BxLx_HGGxK + b_HGGxK.astype(dt)
-        q_BxLxHxK, k_BxLxGxK, v_BxLxGxK = jnp.split(qkv_BxLx_HGGxK, [h, h + g], axis=2)
+        weights = [self.wq[...], self.wk[...], self.wv[...]]
+        biases = [self.bq[...], self.bk[...], self.bv[...]] if cfg.bias else None
+        if _heads_split():
+            # Each projection keeps its own heads' shards: concatenated, the shards of Q, K and
+            # V would have to move between devices in every layer.
+            q_BxLxHxK, k_BxLxGxK, v_BxLxGxK = (dense(x_BxLxD, w, dt) for w in weights)
+            if biases:
+                q_BxLxHxK, k_BxLxGxK, v_BxLxGxK = (
+                    y + b.astype(dt)
+                    for y, b in zip((q_BxLxHxK, k_BxLxGxK, v_BxLxGxK), biases, strict=True)
+                )
+        else:
+            # One GEMM for Q, K and V together: a wider matmul keeps the cores busier.
+            qkv_BxLx_HGGxK = dense(x_BxLxD, jnp.concatenate(weights, axis=1), dt)
+            if biases:
+                qkv_BxLx_HGGxK = qkv_BxLx_HGGxK + jnp.concatenate(biases, axis=0).astype(dt)
+            q_BxLxHxK, k_BxLxGxK, v_BxLxGxK = jnp.split(qkv_BxLx_HGGxK, [h, h + g], axis=2)
         q_BxLxHxK = constrain(q_BxLxHxK, ("act_batch", "act_length", "act_heads", None))
         if cfg.position == "rope":
             inv_freq_K2 = rope_inv_freq(cfg)
@@ -262,7 +279,7 @@ class Attention(nnx.Module):
         With one, their keys and values are written into it and they attend to the cached ones
         allowed by its mask; `segment_ids_BxL` and `causal` are then unused.
         """
-        impl = self.cfg.attention
+        impl = attention_kernel(self.cfg.attention, x_BxLxD.shape[1])
         q_BxLxHxK, k_BxLxGxK, v_BxLxGxK = self._qkv(x_BxLxD, positions_BxL)
         packed = KERNELS[impl].packed
         if cache is None and packed is not None:

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-
-import jax
 from flax import nnx
 
 import lm.model.splash  # noqa: F401  (registers the "splash" kernel, which `auto` picks on TPU)
@@ -12,23 +9,14 @@ from lm.config import Config
 from lm.model.heads import MaskedLM
 from lm.model.lora import LoraModel
 from lm.model.transformer import Transformer
+from lm.runtime.platforms import for_platform
 from lm.tasks import task_for
-
-# `model.attention=auto`: the kernel each platform runs best; XLA's elsewhere.
-_AUTO_ATTENTION = {"tpu": "splash", "gpu": "cudnn"}
-
-
-def resolve_attention(cfg: Config) -> Config:
-    """`cfg` with `model.attention=auto` replaced by the kernel for this platform."""
-    if cfg.model.attention != "auto":
-        return cfg
-    name = _AUTO_ATTENTION.get(jax.default_backend(), "xla")
-    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, attention=name))
 
 
 def build_model(cfg: Config, rngs: nnx.Rngs) -> nnx.Module:
-    """The module that `cfg` trains: the causal-LM Transformer by default."""
-    cfg = resolve_attention(cfg)
+    """The module that `cfg` trains (the causal-LM Transformer by default), its `auto` choices
+    made for this platform."""
+    cfg = for_platform(cfg)
     if cfg.finetune.task:
         model = task_for(cfg).model(cfg, rngs)
         if cfg.finetune.lora_rank:

@@ -22,6 +22,7 @@ import numpy as np
 from lm.config import Config, ConfigError
 from lm.model.build import build_model
 from lm.runtime.mesh import batch_sharding, make_mesh
+from lm.runtime.platforms import for_platform
 from lm.train.objectives import TokenCrossEntropy
 from lm.train.optim import make_optimizer
 from lm.train.state import abstract_with_shardings, plan_train_state
@@ -124,6 +125,8 @@ _CALLEES = re.compile(
     r"\b(calls|to_apply|condition|body|branch_computations)=(\{[^}]*\}|%[\w.\-]+)"
 )
 _NAME = re.compile(r"%([\w.\-]+)")
+# An instruction's name and result type: `%name = bf16[8,16]{1,0} op(...`.
+_DEFINES = re.compile(r"^\s*(?:ROOT\s+)?%([\w.\-]+)\s*=\s*(\(.*?\)|\S+)\s")
 # A scan's loop condition: `counter < constant(N)`.
 _LIMIT = re.compile(r"s32\[\]\S*\s+constant\((\d+)\)")
 
@@ -133,6 +136,7 @@ class Collective(NamedTuple):
     shapes: tuple[str, ...]  # result arrays, e.g. 'bf16[256,704]'
     bytes: int  # result bytes per device, per execution
     count: int  # executions per step: the trip counts of the loops around it
+    traffic: int  # bytes each device sends per execution (see `collectives`)
 
 
 def _split_computations(hlo: str) -> tuple[dict[str, list[str]], str]:
@@ -176,31 +180,53 @@ def _executions(bodies: dict[str, list[str]], entry: str) -> dict[str, int]:
     return {name: count(name) for name in bodies}
 
 
+def _array_bytes(arrays: Sequence[tuple[str, str]]) -> int:
+    return sum(_DTYPE_BYTES[t] * math.prod(int(x) for x in d.split(",") if x) for t, d in arrays)
+
+
 def collectives(hlo: str) -> list[Collective]:
     """Every collective of an optimized HLO module's text (async ones counted once, at -start),
-    with how many times a step executes it."""
+    with how many times a step executes it and the bytes each device sends.
+
+    Traffic is a bandwidth-optimal ring's, (n-1)/n taken as 1: an all-gather sends its
+    result's bytes, a reduce-scatter its operand's, an all-reduce (a reduce-scatter then an
+    all-gather) twice its result's; all-to-all and collective-permute their result's.
+    """
     bodies, entry = _split_computations(hlo)
     runs = _executions(bodies, entry)
     found = []
     for name, lines in bodies.items():
+        defined = {}
+        for line in lines:
+            d = _DEFINES.match(line)
+            if d:
+                defined[d.group(1)] = d.group(2)
         for line in lines:
             m = _OP.search(line)
             if not m:
                 continue
             arrays = _ARRAY.findall(m.group(1))
+            operands = arrays[:1]
             if m.group(3):  # `-start` results are (operand, result[, scratch]) tuples
                 arrays = arrays[1:2]
+            elif m.group(2) == "reduce-scatter":
+                args = line[m.end() :].split(")")[0]
+                operands = _ARRAY.findall(args) or [
+                    a for n in _NAME.findall(args) for a in _ARRAY.findall(defined.get(n, ""))
+                ]
+            result = _array_bytes(arrays)
+            traffic = {
+                "all-reduce": 2 * result,
+                "reduce-scatter": _array_bytes(operands),
+            }.get(m.group(2), result)
             shapes = tuple(f"{t}[{d}]" for t, d in arrays)
-            nbytes = sum(
-                _DTYPE_BYTES[t] * math.prod(int(x) for x in d.split(",") if x) for t, d in arrays
-            )
-            found.append(Collective(m.group(2), shapes, nbytes, runs[name]))
+            found.append(Collective(m.group(2), shapes, result, runs[name], traffic))
     return found
 
 
 def collective_bytes(found: Sequence[Collective]) -> int:
-    """Bytes per device per step of `found`, loops counted."""
-    return sum(c.bytes * c.count for c in found)
+    """Bytes each device sends per step for `found`, loops counted."""
+    return sum(c.traffic * c.count for c in found)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -231,8 +257,10 @@ def _per_device_bytes(tree) -> int:
 
 
 def compile_train_step(cfg: Config, devices: Sequence[jax.Device] | None = None) -> CompiledStep:
-    """Compile `cfg`'s train step for `devices` (default: this host's) from abstract shapes."""
+    """Compile `cfg`'s train step for `devices` (default: this host's) from abstract shapes,
+    its `auto` choices made for their platform."""
     mesh = make_mesh(cfg.mesh, devices)
+    cfg = for_platform(cfg, mesh.devices.flat[0].platform)
     tx = make_optimizer(cfg.optim, cfg.train.steps)
     # Planned outside `set_mesh`: optax builds placeholder states eagerly, on the default
     # backend, which must not be a deviceless TPU topology's.
@@ -246,8 +274,9 @@ def compile_train_step(cfg: Config, devices: Sequence[jax.Device] | None = None)
         for k in ("inputs", "targets", "weights", "segment_ids", "positions")
     }
     start = time.perf_counter()
+    objective = TokenCrossEntropy(cfg.train.z_loss, cfg.train.loss_chunk)
     with jax.set_mesh(mesh):
-        step = make_train_step(graphdef, tx, TokenCrossEntropy(), shardings, cfg.optim.grad_accum)
+        step = make_train_step(graphdef, tx, objective, shardings, cfg.optim.grad_accum)
         compiled = step.lower(state, batch).compile()
     compile_s = time.perf_counter() - start
     memory = compiled.memory_analysis()

@@ -9,6 +9,7 @@ import numpy as np
 from lm.config import Config, ConfigError, FinetuneConfig
 from lm.data.tokenizer import TextTokenizer
 from lm.model.transformer import Transformer
+from lm.runtime.platforms import for_platform
 from lm.tasks.base import Task, register
 from lm.tasks.encoding import TaskStats, check_counts, frame_ids, layout, pad_rows
 from lm.train.objectives import TokenCrossEntropy
@@ -102,4 +103,4 @@ class TextToTextTask(Task):
         return Transformer(cfg.model, rngs=rngs)
 
     def objective(self, cfg: Config, train: dict[str, np.ndarray]):
-        return TokenCrossEntropy(loss_chunk=cfg.train.loss_chunk)
+        return TokenCrossEntropy(loss_chunk=for_platform(cfg).train.loss_chunk)

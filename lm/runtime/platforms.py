@@ -1,0 +1,65 @@
+"""Platform profiles: how each backend computes best, for the config values left `auto`.
+
+A profile changes how XLA computes a step, never what it computes: the attention kernel
+(`model.attention=auto`) and the vocabulary tiling of the LM loss (`train.loss_chunk=-1`).
+Configs keep `auto`, so a run trained on a TPU still builds on a CPU; the values are resolved
+where a model or loss is built, for the platform it will run on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+
+from lm.config import Config
+
+
+@dataclasses.dataclass(frozen=True)
+class Profile:
+    attention: str  # the kernel `model.attention=auto` becomes
+    loss_chunk: int  # tokens per tile of the LM loss for `train.loss_chunk=-1`; 0 = untiled
+
+
+PROFILES = {
+    # XLA:CPU runs explicit einsums faster than its fused attention, and its GEMMs are
+    # compute-bound already, so tiling the vocabulary only adds loop overhead.
+    "cpu": Profile(attention="math", loss_chunk=0),
+    # cuDNN's flash attention and a tiled loss keep [B, H, L, L] scores and [B, L, V] logits
+    # out of HBM.
+    "gpu": Profile(attention="cudnn", loss_chunk=512),
+    # Splash attention skips masked blocks and never materialises the mask.
+    "tpu": Profile(attention="splash", loss_chunk=512),
+}
+
+# Splash attention tiles the sequence in 128-token lanes.
+_SPLASH_LANES = 128
+
+
+def _profile(platform: str | None) -> Profile:
+    return PROFILES.get(platform or jax.default_backend(), PROFILES["cpu"])
+
+
+def attention_kernel(name: str, length: int, platform: str | None = None) -> str:
+    """The kernel `model.attention=name` runs for rows of `length` tokens on `platform`."""
+    if name != "auto":
+        return name
+    kernel = _profile(platform).attention
+    return "xla" if kernel == "splash" and length % _SPLASH_LANES else kernel
+
+
+def for_platform(cfg: Config, platform: str | None = None) -> Config:
+    """`cfg` with its `auto` values chosen for `platform` (default: JAX's default backend)."""
+    m, t, length = cfg.model, cfg.train, cfg.data.seq_len
+    if m.attention != "auto" and t.loss_chunk >= 0:
+        return cfg
+    chunk = t.loss_chunk
+    if chunk < 0:
+        chunk = _profile(platform).loss_chunk
+        if not chunk or length % chunk or chunk >= length:
+            chunk = 0
+    return dataclasses.replace(
+        cfg,
+        model=dataclasses.replace(m, attention=attention_kernel(m.attention, length, platform)),
+        train=dataclasses.replace(t, loss_chunk=chunk),
+    )
