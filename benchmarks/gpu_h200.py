@@ -169,14 +169,14 @@ def _plan(cfg: Any) -> dict[str, Any]:
     from lm.commands.plan import plan_memory
 
     plan = plan_memory(cfg, 1)
-    total = plan.total_full_remat if cfg.model.remat == "full" else plan.total_no_remat
+    full_remat = cfg.model.remat != "none"
     return {
-        "plan_bytes": total,
+        "plan_bytes": plan.total(cfg.model.remat),
         "plan_params_bytes": plan.params,
         "plan_optimizer_bytes": plan.optimizer,
         "plan_gradients_bytes": plan.gradients,
         "plan_activations_bytes": plan.activations_full_remat
-        if cfg.model.remat == "full"
+        if full_remat
         else plan.activations_no_remat,
         "parameters": plan.parameters,
     }

@@ -16,8 +16,8 @@ import time
 import jax
 
 from lm.config import load_config
-from lm.data.pipeline import load_pretrain_data, to_global
-from lm.runtime.mesh import batch_sharding, make_mesh
+from lm.data.pipeline import load_pretrain_data
+from lm.runtime.mesh import batch_sharding, make_mesh, to_global
 
 
 def main() -> None:

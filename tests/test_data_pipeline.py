@@ -17,12 +17,12 @@ from lm.data.pipeline import (
     make_batch,
     pack_documents,
     rows_for,
-    to_global,
     tokenize_documents,
     truncate_documents,
     window_documents,
 )
 from lm.data.tokenizer import BOS_ID, PAD_ID, train_tokenizer
+from lm.runtime.mesh import to_global
 
 
 def _random_docs(count, seed=0):

@@ -11,9 +11,10 @@ from conftest import tiny_model
 
 from lm.cli import main
 from lm.commands.plan import plan_memory
-from lm.config import Config, DataConfig, MeshConfig, load_config
+from lm.config import Config, DataConfig, MeshConfig, TrainConfig, load_config
 from lm.model.build import build_model
 from lm.runtime.mesh import make_mesh
+from lm.train.freeze import finetune_optimizer
 from lm.train.optim import make_optimizer
 from lm.train.state import plan_train_state
 
@@ -90,3 +91,24 @@ def test_activation_estimate_scales_with_tokens_and_tensor_parallelism():
 def test_every_shipped_config_has_a_memory_plan(path):
     plan = plan_memory(load_config(path), 1)
     assert plan.parameters > 0 and plan.total_full_remat <= plan.total_no_remat
+
+
+def test_planned_lora_optimizer_bytes_match_the_real_frozen_state():
+    # Only the adapters and the head train: AdamW holds moments for them alone.
+    cfg = load_config("configs/finetune/sentiment.yaml", ["finetune.lora_rank=4", "mesh.data=-1"])
+    _, _, _, init = plan_train_state(
+        lambda rngs: build_model(cfg, rngs), finetune_optimizer(cfg), make_mesh(cfg.mesh), 0
+    )
+    state = init()
+    plan = plan_memory(cfg, 8)
+    assert 0 <= per_device_bytes(state.opt_state) - plan.optimizer <= 64
+    assert plan.optimizer < plan.params / 10
+
+
+def test_tiled_loss_keeps_one_chunk_of_logits():
+    cfg = tiny_config(data=-1)
+    untiled = plan_memory(cfg, 8, "cpu")
+    tiled = plan_memory(dataclasses.replace(cfg, train=TrainConfig(loss_chunk=4)), 8, "cpu")
+    # f32 logits and their gradient, 2 x V x 4 bytes per token, now for 4 of the 16 positions.
+    logits = untiled.tokens_per_device * 2 * cfg.model.vocab_size * 4
+    assert untiled.activations_no_remat - tiled.activations_no_remat == logits * 3 // 4

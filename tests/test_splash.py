@@ -16,7 +16,7 @@ from lm.model.build import build_model
 from lm.model.splash import block_sizes, splash_attention
 from lm.model.transformer import Transformer
 from lm.runtime.mesh import make_mesh
-from lm.runtime.platforms import for_platform
+from lm.runtime.platforms import attention_kernel, for_platform
 
 # Two or three documents packed per row, ending mid-tile so tiles mix segments. L=384 takes
 # 128-wide tiles: 3 x 3 per head, some skipped (causal), some partly masked.
@@ -102,10 +102,22 @@ def test_platform_profiles_choose_the_auto_values(platform, seq_len, attention, 
     assert for_platform(explicit, "tpu") is explicit
 
 
-def test_models_built_on_this_cpu_use_its_profile():
-    with nnx.use_eager_sharding(False):
-        model = nnx.eval_shape(lambda: build_model(Config(model=tiny_model()), nnx.Rngs(0)))
-    assert model.cfg.attention == "math"
+@pytest.mark.parametrize("platform, length", [("cpu", 16), ("tpu", 1), ("tpu", 48), ("gpu", 1)])
+def test_auto_attention_is_chosen_per_call_for_the_rows_length(platform, length):
+    # Decoding one token or prefilling a short bucket on TPU falls back from splash.
+    chosen = attention_kernel("auto", length, platform)
+    assert chosen == {"cpu": "math", "tpu": "xla", "gpu": "cudnn"}[platform]
+    assert attention_kernel("xla", length, platform) == "xla"
+
+
+def test_models_built_on_this_cpu_compute_with_its_profiles_kernel():
+    batch = random_batch()
+    logits = {}
+    for attention in ("auto", "math"):
+        with nnx.use_eager_sharding(False):
+            model = build_model(Config(model=tiny_model(attention=attention)), nnx.Rngs(0))
+        logits[attention] = model(batch["inputs"], batch["segment_ids"], batch["positions"])
+    np.testing.assert_array_equal(logits["auto"], logits["math"])
 
 
 @pytest.mark.parametrize("kv_heads", [2, 1])

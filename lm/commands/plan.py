@@ -75,6 +75,10 @@ class MemoryPlan:
     def total_full_remat(self) -> int:
         return self.params + self.optimizer + self.gradients + self.activations_full_remat
 
+    def total(self, remat: str) -> int:
+        """The total for `model.remat=remat`: any recomputation counts as full remat."""
+        return self.total_no_remat if remat == "none" else self.total_full_remat
+
 
 def _shard_elements(shape: tuple[int, ...], logical, mesh: dict[str, int]) -> int:
     """Elements of one device's shard of an array of `shape` laid out by the sharding rules."""
@@ -122,15 +126,18 @@ def plan_memory(cfg: Config, devices: int, platform: str | None = None) -> Memor
         )
     with nnx.use_eager_sharding(False):
         _, abstract = abstract_split(lambda: build_model(cfg, nnx.Rngs(0)))
-    params = abstract.filter(nnx.Param)
+    state = abstract.filter(nnx.Param)
+    params = _variables(state)
     trainable = trainable_groups(cfg) if cfg.finetune.task else None
-    trains = trainable_mask(params, trainable) if trainable else params
+    trains = [True] * len(params)
+    if trainable:  # the mask reads each parameter's group and path in the state
+        trains = [t.get_value() for t in _variables(trainable_mask(state, trainable))]
     count, param_bytes, trained_bytes = 0, 0, 0
-    for v, t in zip(_variables(params), _variables(trains), strict=True):
+    for v, trained in zip(params, trains, strict=True):
         count += math.prod(v.shape)
         size = _shard_elements(v.shape, v.get_metadata().get("out_sharding"), sizes)
         param_bytes += size * v.dtype.itemsize
-        trained_bytes += size * v.dtype.itemsize if t.get_value() is not False else 0
+        trained_bytes += size * v.dtype.itemsize if trained else 0
     accumulator = trained_bytes if cfg.optim.grad_accum > 1 else 0
     tokens, no_remat = _activation_bytes(cfg, sizes, remat=False)
     _, full_remat = _activation_bytes(cfg, sizes, remat=True)
@@ -222,12 +229,8 @@ def plan_slice(cfg: Config, name: str) -> SlicePlan:
         step=step,
         collective_bytes=collective_bytes(collectives(step.hlo)),
         flops_per_chip=train_flops_per_token(cfg.model, cfg.data.seq_len) * tokens / len(devices),
-        analytic_bytes=_analytic_total(cfg, plan_memory(cfg, len(devices), "tpu")),
+        analytic_bytes=plan_memory(cfg, len(devices), "tpu").total(cfg.model.remat),
     )
-
-
-def _analytic_total(cfg: Config, plan: MemoryPlan) -> int:
-    return plan.total_no_remat if cfg.model.remat == "none" else plan.total_full_remat
 
 
 def format_slice_plan(config_name: str, plan: SlicePlan) -> str:

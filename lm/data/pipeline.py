@@ -19,7 +19,6 @@ import dataclasses
 import os
 from collections.abc import Sequence
 
-import jax
 import numpy as np
 
 from lm.config import DataConfig
@@ -204,13 +203,6 @@ def make_batch(rows: PackedRows, indices: np.ndarray) -> dict[str, np.ndarray]:
         "segment_ids": np.where(pad, 0, np.cumsum(starts, axis=1)).astype(np.int32),
         "positions": np.where(pad, 0, col - first).astype(np.int32),
     }
-
-
-def to_global(
-    local: dict[str, np.ndarray], sharding: jax.sharding.NamedSharding
-) -> dict[str, jax.Array]:
-    """Assemble every process's local rows into global arrays laid out by `sharding`."""
-    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}
 
 
 @dataclasses.dataclass

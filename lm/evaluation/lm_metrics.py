@@ -14,7 +14,7 @@ import jax
 import numpy as np
 
 from lm.data.batches import local_rows
-from lm.data.pipeline import to_global
+from lm.runtime.mesh import to_global
 from lm.train.objectives import Batch
 
 

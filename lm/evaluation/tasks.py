@@ -11,10 +11,10 @@ from jax.experimental import multihost_utils
 
 from lm.config import Config
 from lm.data.batches import ArrayTable, local_rows, ordered_batches
-from lm.data.pipeline import to_global
 from lm.data.tokenizer import TextTokenizer
 from lm.evaluation import task_metrics
 from lm.inference.generator import Generator
+from lm.runtime.mesh import to_global
 from lm.tasks import task_for
 from lm.tasks.encoding import Examples, frame_ids
 

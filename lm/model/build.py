@@ -9,14 +9,11 @@ from lm.config import Config
 from lm.model.heads import MaskedLM
 from lm.model.lora import LoraModel
 from lm.model.transformer import Transformer
-from lm.runtime.platforms import for_platform
 from lm.tasks import task_for
 
 
 def build_model(cfg: Config, rngs: nnx.Rngs) -> nnx.Module:
-    """The module that `cfg` trains (the causal-LM Transformer by default), its `auto` choices
-    made for this platform."""
-    cfg = for_platform(cfg)
+    """The module that `cfg` trains: the causal-LM Transformer by default."""
     if cfg.finetune.task:
         model = task_for(cfg).model(cfg, rngs)
         if cfg.finetune.lora_rank:

@@ -2,8 +2,10 @@
 
 A profile changes how XLA computes a step, never what it computes: the attention kernel
 (`model.attention=auto`) and the vocabulary tiling of the LM loss (`train.loss_chunk=-1`).
-Configs keep `auto`, so a run trained on a TPU still builds on a CPU; the values are resolved
-where a model or loss is built, for the platform it will run on.
+Configs and models keep `auto`, so a run trained on a TPU still runs on a CPU: each attention
+call picks its kernel for its rows' length (`attention_kernel`; splash needs 128-token lanes,
+so single-token decoding falls back), and the loss tiling is picked where a loss is built
+(`for_platform`; `lm plan --topology` passes the slice's platform).
 """
 
 from __future__ import annotations

@@ -25,11 +25,10 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from lm.config import Config, check_training_mesh
-from lm.data.pipeline import to_global
 from lm.model.build import build_model
 from lm.runtime.distributed import preemption_sync_point
 from lm.runtime.flops import train_flops_per_token
-from lm.runtime.mesh import batch_sharding, make_mesh
+from lm.runtime.mesh import batch_sharding, make_mesh, to_global
 from lm.train.checkpoint import Checkpointer, checkpoint_meta
 from lm.train.metrics import MetricsWriter
 from lm.train.preemption import Preempted, StopSignals
