@@ -1,6 +1,9 @@
 """The train step, optimizer and loop: accumulation, decay mask, schedule, divergence."""
 
+import errno
 import io
+import os
+from types import SimpleNamespace
 
 import jax
 import jax.numpy as jnp
@@ -13,7 +16,7 @@ from lm.model import Transformer
 from lm.model.params import decay_mask
 from lm.runtime.mesh import batch_sharding, make_mesh
 from lm.train.checkpoint import Checkpointer
-from lm.train.loop import LoopSettings, TrainingDiverged, run_loop
+from lm.train.loop import LoopSettings, RunWriteError, TrainingDiverged, run_loop
 from lm.train.metrics import MetricsWriter
 from lm.train.objectives import TokenCrossEntropy, token_losses
 from lm.train.optim import learning_rate, make_optimizer
@@ -139,6 +142,55 @@ def _fake_run(tmp_path, metrics_at, steps: int = 4, **settings_overrides):
         writer.close()
         stream.seek(0)
     return checkpointer, stream
+
+
+class _DiskFullAfter:
+    """A metrics file that takes `lines` lines, then fails as a full disk does."""
+
+    def __init__(self, lines: int):
+        self.lines = lines
+
+    def write(self, text: str) -> None:
+        self.lines -= 1
+        if self.lines < 0:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def flush(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def test_full_disk_refusing_the_metrics_stops_naming_the_file_and_newest_checkpoint(
+    tmp_path, monkeypatch
+):
+    opened = MetricsWriter.write
+
+    def write_to_full_disk(self, step, scalars, prefix="train"):
+        if self._jsonl is None:
+            self._tb = SimpleNamespace(add_scalar=lambda *args: None, close=lambda: None)
+            self._jsonl = _DiskFullAfter(2)
+        opened(self, step, scalars, prefix)
+
+    monkeypatch.setattr(MetricsWriter, "write", write_to_full_disk)
+    with pytest.raises(RunWriteError) as error:
+        _fake_run(tmp_path, lambda i: {"loss": 2.0}, steps=6)
+    message = str(error.value)
+    assert message.startswith(f"Writing {tmp_path / 'metrics.jsonl'} failed (No space left on")
+    assert "older checkpoints are kept (newest: step 2)" in message
+    assert (tmp_path / "ckpt" / "2").is_dir()
+
+
+def test_a_full_disk_at_close_does_not_hide_the_error_that_stopped_training(tmp_path):
+    def flush_fails() -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    writer = MetricsWriter(tmp_path, 2, stream=io.StringIO())
+    writer.write(1, {"loss": 2.0})
+    writer._tb.close = flush_fails
+    with pytest.raises(TrainingDiverged), writer:
+        raise TrainingDiverged("Loss became nan at step 2")
+    with pytest.raises(OSError, match="No space left"), writer:  # nothing else to report
+        pass
 
 
 def test_infinite_gradient_norm_stops_the_run_naming_a_finished_checkpoint(tmp_path):

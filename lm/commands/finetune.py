@@ -10,7 +10,6 @@ there (`Preempted`), without the final evaluation.
 
 from __future__ import annotations
 
-import contextlib
 import json
 
 import jax
@@ -82,7 +81,7 @@ def _finetune(cfg: Config, task: Task, mesh: Mesh, run_dir: epath.Path) -> dict[
         writer.print(f"backbone from {f.init_from} (step {source.step}){fresh}")
         return state.replace(params=params)
 
-    with jax.set_mesh(mesh), contextlib.closing(writer):
+    with jax.set_mesh(mesh), writer:
         session = start_session(cfg, mesh, tx, checkpointer, writer, fresh=with_backbone)
         graphdef = session.graphdef
         objective = gate_frozen(cfg, task.objective(cfg, train))

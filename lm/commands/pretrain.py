@@ -7,7 +7,6 @@ Ctrl-C checkpoints its step and ends there (`Preempted`), without the final eval
 
 from __future__ import annotations
 
-import contextlib
 import json
 
 import jax
@@ -63,7 +62,7 @@ def _pretrain(cfg: Config, mesh: Mesh, run_dir: epath.Path) -> dict[str, float]:
     peak = peak_flops(jax.devices())
     tx = make_optimizer(cfg.optim, cfg.train.steps)
     checkpointer = Checkpointer(run_dir / "checkpoints", cfg.checkpoint)
-    with jax.set_mesh(mesh), contextlib.closing(writer):
+    with jax.set_mesh(mesh), writer:
         session = start_session(cfg, mesh, tx, checkpointer, writer)
 
         mlm = cfg.train.objective == "mlm"

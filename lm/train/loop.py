@@ -40,6 +40,12 @@ class TrainingDiverged(RuntimeError):
     """The loss or the gradient norm became NaN or infinite."""
 
 
+class RunWriteError(RuntimeError):
+    """A file of the run (metrics, TensorBoard events) could not be written; training stops."""
+
+    exit_code = 2  # a problem the user fixes (space, permissions), like a usage error
+
+
 @dataclass
 class LoopSettings:
     total_steps: int  # the schedule's length
@@ -235,15 +241,30 @@ def _is_uniform(loss: float, settings: LoopSettings) -> bool:
 @contextlib.contextmanager
 def _saves_settled(checkpointer: Checkpointer, writer: MetricsWriter) -> Iterator[None]:
     """On an error out of the block, first wait for checkpoint saves in flight, so that each
-    ends whole."""
+    ends whole. A run file that cannot be written (a full disk may refuse the metrics before
+    a checkpoint) becomes `RunWriteError` naming the newest checkpoint kept."""
     try:
         yield
-    except Exception:
+    except Exception as error:
         try:
             checkpointer.wait()
-        except Exception as error:  # the error already on its way out is the one to raise
-            writer.print(f"the checkpoint save in flight failed as well: {error}")
+        except Exception as second:  # the error already on its way out is the one to raise
+            writer.print(f"the checkpoint save in flight failed as well: {second}")
+        if isinstance(error, OSError):
+            raise _write_error(error, checkpointer) from error
         raise
+
+
+def _write_error(error: OSError, checkpointer: Checkpointer) -> RunWriteError:
+    last = checkpointer.latest_step()
+    kept = "no checkpoint exists yet"
+    if last is not None:
+        kept = f"older checkpoints are kept (newest: step {last})"
+    where = f" {error.filename}" if error.filename else " a file of the run"
+    return RunWriteError(
+        f"Writing{where} failed ({error.strerror or error}); training stopped and {kept}: "
+        "free space or fix the directory's permissions, then rerun to resume."
+    )
 
 
 def run_mesh(cfg: Config) -> Mesh:

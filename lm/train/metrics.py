@@ -71,8 +71,12 @@ class MetricsWriter:
             self._jsonl = (self.run_dir / "metrics.jsonl").open("a")
             self._tb = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=self._purge_step)
         record = {"step": step, **{f"{prefix}/{k}": float(v) for k, v in scalars.items()}}
-        self._jsonl.write(json.dumps(record) + "\n")
-        self._jsonl.flush()
+        try:
+            self._jsonl.write(json.dumps(record) + "\n")
+            self._jsonl.flush()
+        except OSError as error:  # name the file: a failed write() does not
+            path = str(self.run_dir / "metrics.jsonl")
+            raise OSError(error.errno, error.strerror, path) from error
         for key, value in scalars.items():
             self._tb.add_scalar(f"{prefix}/{key}", float(value), step)
 
@@ -105,3 +109,14 @@ class MetricsWriter:
         if self._jsonl is not None:
             self._jsonl.close()
             self._tb.close()
+
+    def __enter__(self) -> MetricsWriter:
+        return self
+
+    def __exit__(self, error_type, error, traceback) -> None:
+        """Close; a failure to flush (a full disk) never hides the error leaving the block."""
+        try:
+            self.close()
+        except OSError:
+            if error is None:
+                raise
