@@ -95,11 +95,25 @@ def _convert_to_hf(args: argparse.Namespace) -> None:
 
 
 def _plan(args: argparse.Namespace) -> None:
-    from lm.commands.plan import format_plan, format_slice_plan, plan_memory, plan_slice
+    from lm.commands.plan import (
+        format_decode_plan,
+        format_plan,
+        format_slice_plan,
+        plan_decode,
+        plan_memory,
+        plan_slice,
+    )
 
+    name = args.config or "defaults"
+    if args.decode and not args.topology:
+        raise ConfigError("--decode compiles for a TPU slice; add --topology, e.g. v5e-8.")
+    if args.decode:
+        cfg = load_config(args.config, args.overrides)
+        print(format_decode_plan(name, args.topology, plan_decode(cfg, args.topology)))
+        return
     if args.topology:
         cfg = load_config(args.config, args.overrides)
-        print(format_slice_plan(args.config or "defaults", plan_slice(cfg, args.topology)))
+        print(format_slice_plan(name, plan_slice(cfg, args.topology)))
         return
     if args.devices is None:
         import jax
@@ -246,6 +260,12 @@ def _parser() -> argparse.ArgumentParser:
         "--topology",
         help="compile the real train step for a TPU slice on this host (needs libtpu): "
         "v5e-256, v5p-128 (TensorCores), v6e-64 or a topology such as v5p:4x4x4",
+    )
+    plan.add_argument(
+        "--decode",
+        action="store_true",
+        help="with --topology, compile the decode step lm generate runs instead of the train "
+        "step (data.batch_size rows, a model.max_seq_len-slot KV cache)",
     )
     return parser
 

@@ -6,10 +6,11 @@ from __future__ import annotations
 import json
 
 import jax
+import numpy as np
 import pytest
 
 from lm.cli import main
-from lm.config import ConfigError
+from lm.config import ConfigError, load_config
 from lm.runtime import aot
 from lm.runtime.aot import CHIPS, Collective, collective_bytes, collectives, topology_name
 
@@ -129,6 +130,42 @@ def test_tiny_config_compiles_for_a_tpu_slice_and_fits(topology, chips, capsys):
     assert summary["collective_bytes_per_step"] > 0  # FSDP gathers weights
     assert summary["fsdp_ideal_collective_bytes_per_step"] > 0
     assert 0 < summary["estimated_mfu"] <= 1
+
+
+def test_decode_plan_without_a_topology_is_one_sentence(capsys):
+    assert main(["plan", "--decode", *TINY]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--topology" in err, err
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("no_compilation_cache")
+def test_decode_step_compiles_for_a_tpu_slice_with_the_cache_it_holds(capsys):
+    pytest.importorskip("libtpu")
+    assert main(["plan", "--topology", "v5e:2x2", "--decode", *TINY]) == 0
+    decode = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    cfg = load_config(None, TINY)
+    m = cfg.model
+    # Keys and values of every layer, rows split over the 4 chips (fsdp shards the batch).
+    itemsize = np.dtype(m.dtype).itemsize
+    cache = 2 * m.num_layers * cfg.data.batch_size * m.kv_heads * m.max_seq_len * m.head_dim
+    cache *= itemsize
+    assert decode["kv_cache_bytes_per_chip"] == cache // 4
+    assert decode["rows"] == cfg.data.batch_size and decode["cache_slots"] == m.max_seq_len
+    assert decode["fits"] is True
+    assert decode["params_bytes_per_chip"] < decode["compiled_peak_bytes_per_chip"]
+    assert decode["estimated_tokens_per_s"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("no_compilation_cache")
+def test_a_step_that_cannot_fit_is_one_sentence_with_the_fix(capsys):
+    pytest.importorskip("libtpu")
+    huge = [*TINY, "model.vocab_size=32768", "data.batch_size=16384"]  # 34 GiB of logits a chip
+    assert main(["plan", "--topology", "v5e:2x2", *huge]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "does not fit in device memory" in err, err
+    assert "mesh.fsdp=-1" in err
 
 
 @pytest.mark.slow

@@ -22,7 +22,9 @@ counted here, so treat it as a lower bound and leave headroom.
 
 `--topology` (`plan_slice`) instead compiles the real train step for a TPU slice with libtpu's
 compiler on this host (`lm.runtime.aot`): XLA's own bytes per chip, the collectives it emits,
-and a roofline estimate of step time and MFU from the chip's datasheet figures.
+and a roofline estimate of step time and MFU from the chip's datasheet figures. With `--decode`
+(`plan_decode`) it compiles the decode step `lm generate` runs instead, with a roofline
+estimate of tokens/s (each step reads every weight and the whole cache: HBM bandwidth bounds it).
 """
 
 from __future__ import annotations
@@ -40,14 +42,16 @@ from lm.model.build import build_model
 from lm.model.transformer import abstract_split
 from lm.runtime.aot import (
     Chip,
+    CompiledDecode,
     CompiledStep,
     collective_bytes,
     collectives,
+    compile_decode_step,
     compile_train_step,
     slice_devices,
     topology_name,
 )
-from lm.runtime.flops import train_flops_per_token
+from lm.runtime.flops import decode_flops_per_token, train_flops_per_token
 from lm.runtime.mesh import MESH_AXES, logical_to_spec
 from lm.runtime.platforms import for_platform
 from lm.train.freeze import trainable_groups, trainable_mask
@@ -280,5 +284,88 @@ def format_slice_plan(config_name: str, plan: SlicePlan) -> str:
         "compile_s": round(step.compile_s, 2),
         "estimated_step_s": plan.step_s,
         "estimated_mfu": round(plan.mfu, 4),
+    }
+    return "\n".join(lines + [json.dumps(summary)])
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodePlan:
+    """The decode step compiled for a TPU slice, with a roofline estimate of its speed."""
+
+    chip: Chip
+    chips: int
+    step: CompiledDecode
+    collective_bytes: int  # sent per chip per decoded token
+    flops_per_chip: float  # model FLOPs per chip per step (all rows, a full cache)
+
+    @property
+    def fits(self) -> bool:
+        return self.step.peak <= self.chip.hbm_bytes
+
+    @property
+    def read_s(self) -> float:
+        """Reading every weight and the whole cache once, from HBM."""
+        return (self.step.params + self.step.cache) / self.chip.hbm_bytes_per_s
+
+    @property
+    def step_s(self) -> float:
+        """Roofline: the slowest of compute, HBM reads and collectives, fully overlapped."""
+        compute_s = self.flops_per_chip / self.chip.peak_bf16_flops
+        return max(compute_s, self.read_s, self.collective_bytes / self.chip.ici_bytes_per_s)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.step.rows / self.step_s
+
+
+def plan_decode(cfg: Config, name: str) -> DecodePlan:
+    """Compile `cfg`'s decode step for TPU slice `name` (libtpu needed, no TPU)."""
+    devices, chip = slice_devices(name)
+    step = compile_decode_step(cfg, devices)
+    flops = decode_flops_per_token(cfg.model, step.slots) * step.rows
+    return DecodePlan(
+        chip=chip,
+        chips=len(devices),
+        step=step,
+        collective_bytes=collective_bytes(collectives(step.hlo)),
+        flops_per_chip=flops / len(devices),
+    )
+
+
+def format_decode_plan(config_name: str, name: str, plan: DecodePlan) -> str:
+    """A human-readable report of `plan` for slice `name`, ending with one JSON line."""
+    step, chip = plan.step, plan.chip
+    mesh = " ".join(f"{k}={v}" for k, v in step.mesh.items())
+    lines = [
+        f"{config_name} decoding on {name} ({topology_name(name)[0]}, {plan.chips} chips, "
+        f"{mesh}): {step.rows} rows, a {step.slots}-slot KV cache, parameters as trained; "
+        f"compiled by XLA for TPU in {step.compile_s:.1f} s",
+        f"  {'parameters':<26}{_gib(step.params):>14}",
+        f"  {'KV cache':<26}{_gib(step.cache):>14}",
+        f"  {'temporaries':<26}{_gib(step.temporaries):>14}",
+        f"  {'peak (args+outputs+temps)':<26}{_gib(step.peak):>14}  of "
+        f"{_gib(chip.hbm_bytes)} HBM per {chip.generation} chip",
+        f"  {'fits' if plan.fits else 'does NOT fit'}: {step.peak / chip.hbm_bytes:.1%} of HBM",
+        f"  collective bytes sent per chip per step: {plan.collective_bytes:,d}",
+        f"  estimate (roofline, not a measurement): reading weights and cache at "
+        f"{chip.hbm_bytes_per_s / 1e9:.0f} GB/s HBM = {plan.read_s * 1e3:.3g} ms; with compute "
+        f"and collectives {plan.step_s * 1e3:.3g} ms per step, {plan.tokens_per_s:,.0f} "
+        "tokens/s for the slice",
+    ]
+    summary = {
+        "topology": topology_name(name)[0],
+        "chips": plan.chips,
+        "mesh": step.mesh,
+        "fits": plan.fits,
+        "rows": step.rows,
+        "cache_slots": step.slots,
+        "hbm_per_chip_bytes": chip.hbm_bytes,
+        "compiled_peak_bytes_per_chip": step.peak,
+        "params_bytes_per_chip": step.params,
+        "kv_cache_bytes_per_chip": step.cache,
+        "collective_bytes_per_step": plan.collective_bytes,
+        "compile_s": round(step.compile_s, 2),
+        "estimated_step_s": plan.step_s,
+        "estimated_tokens_per_s": round(plan.tokens_per_s, 1),
     }
     return "\n".join(lines + [json.dumps(summary)])

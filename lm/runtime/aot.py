@@ -18,8 +18,11 @@ from typing import NamedTuple
 
 import jax
 import numpy as np
+from flax import nnx
 
 from lm.config import Config, ConfigError
+from lm.inference.generator import Generator
+from lm.inference.sampling import Sampling
 from lm.model.build import build_model
 from lm.runtime.mesh import batch_sharding, make_mesh
 from lm.runtime.platforms import for_platform
@@ -37,12 +40,13 @@ class Chip:
     hbm_bytes: int
     peak_bf16_flops: float
     ici_bytes_per_s: float  # the datasheet's inter-chip interconnect bandwidth, Gbps / 8
+    hbm_bytes_per_s: float  # HBM bandwidth (decoding reads every weight and cache per token)
 
 
 CHIPS = {
-    "v5e": Chip("v5e", 16 * 2**30, 197e12, 1600e9 / 8),
-    "v5p": Chip("v5p", 95 * 2**30, 459e12, 4800e9 / 8),
-    "v6e": Chip("v6e", 32 * 2**30, 918e12, 3584e9 / 8),
+    "v5e": Chip("v5e", 16 * 2**30, 197e12, 1600e9 / 8, 819e9),
+    "v5p": Chip("v5p", 95 * 2**30, 459e12, 4800e9 / 8, 2765e9),
+    "v6e": Chip("v6e", 32 * 2**30, 918e12, 3584e9 / 8, 1640e9),
 }
 # Default slice shapes by chip count: v5e and v6e are 2D tori, v5p a 3D torus.
 _SHAPES_2D = {
@@ -250,6 +254,25 @@ class CompiledStep:
         return self.arguments + self.outputs - self.aliased + self.temporaries
 
 
+class DoesNotFit(ConfigError):
+    """The compiler found no way to fit a step in each device's memory."""
+
+
+def _compile(lowered: jax.stages.Lowered, what: str) -> jax.stages.Compiled:
+    """`lowered` compiled; running out of device memory is one sentence (DoesNotFit)."""
+    try:
+        return lowered.compile()
+    except jax.errors.JaxRuntimeError as error:
+        text = str(error)
+        if "RESOURCE_EXHAUSTED" not in text:
+            raise
+        reason = text.split("RESOURCE_EXHAUSTED:", 1)[1].strip().splitlines()[0].rstrip(".")
+        raise DoesNotFit(
+            f"The {what} does not fit in device memory ({reason}); shard it over more devices "
+            "(mesh.fsdp=-1), lower data.batch_size or set model.remat=full."
+        ) from None
+
+
 def _per_device_bytes(tree) -> int:
     return sum(
         math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(tree)
@@ -277,7 +300,7 @@ def compile_train_step(cfg: Config, devices: Sequence[jax.Device] | None = None)
     objective = TokenCrossEntropy(cfg.train.z_loss, cfg.train.loss_chunk)
     with jax.set_mesh(mesh):
         step = make_train_step(graphdef, tx, objective, shardings, cfg.optim.grad_accum)
-        compiled = step.lower(state, batch).compile()
+        compiled = _compile(step.lower(state, batch), "train step")
     compile_s = time.perf_counter() - start
     memory = compiled.memory_analysis()
     itemsize = np.dtype(cfg.model.dtype).itemsize
@@ -294,4 +317,74 @@ def compile_train_step(cfg: Config, devices: Sequence[jax.Device] | None = None)
             math.prod(a.shape) * itemsize for a in jax.tree.leaves(abstract.params)
         ),
         compile_s=compile_s,
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class CompiledDecode:
+    """What the compiler says about one decoding step (one new token for each of `rows` rows
+    with a KV cache of `slots` slots), bytes per device."""
+
+    hlo: str
+    mesh: dict[str, int]
+    rows: int
+    slots: int
+    params: int  # parameters held per device, as trained and sharded
+    cache: int  # the KV cache held per device
+    arguments: int
+    outputs: int
+    aliased: int
+    temporaries: int
+    compile_s: float
+
+    @property
+    def peak(self) -> int:
+        return self.arguments + self.outputs - self.aliased + self.temporaries
+
+
+def compile_decode_step(cfg: Config, devices: Sequence[jax.Device] | None = None) -> CompiledDecode:
+    """Compile the greedy decode step `lm generate` runs for `data.batch_size` rows and a
+    `model.max_seq_len`-slot cache, parameters sharded as in training, for `devices`.
+
+    The prefill is compiled first: the cache and logits it returns, in the shardings the
+    compiler gave them, are what the decode step receives.
+    """
+    mesh = make_mesh(cfg.mesh, devices)
+    cfg = for_platform(cfg, mesh.devices.flat[0].platform)
+    tx = make_optimizer(cfg.optim, cfg.train.steps)
+    graphdef, abstract, shardings, _ = plan_train_state(lambda r: build_model(cfg, r), tx, mesh, 0)
+    generator = Generator(nnx.merge(graphdef, abstract.params), None, mesh=mesh)
+    params = abstract_with_shardings(abstract.params, shardings.params)
+    rows, slots = cfg.data.batch_size, cfg.model.max_seq_len
+    tokens = jax.ShapeDtypeStruct((rows, 1), np.int32, sharding=batch_sharding(mesh))
+    pads = jax.ShapeDtypeStruct((rows,), np.int32, sharding=batch_sharding(mesh))
+    scalar = jax.ShapeDtypeStruct((), np.float32)
+    sampling = Sampling(scalar, jax.ShapeDtypeStruct((), np.int32), scalar, scalar, scalar)
+    start = time.perf_counter()
+    with jax.set_mesh(mesh):
+        key = jax.eval_shape(lambda: jax.random.key(0))
+        prefill = _compile(
+            generator._prefill.lower(params, tokens, pads, key, slots=slots), "prefill"
+        )
+        state = jax.tree.map(
+            lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
+            prefill.out_info,
+            prefill.output_shardings,
+        )
+        compiled = _compile(
+            generator._step.lower(params, state, sampling, greedy=True), "decode step"
+        )
+    memory = compiled.memory_analysis()
+    return CompiledDecode(
+        hlo=compiled.as_text(),
+        mesh=dict(mesh.shape),
+        rows=rows,
+        slots=slots,
+        params=_per_device_bytes(params),
+        cache=_per_device_bytes(state.cache.k) + _per_device_bytes(state.cache.v),
+        arguments=memory.argument_size_in_bytes,
+        outputs=memory.output_size_in_bytes,
+        aliased=memory.alias_size_in_bytes,
+        temporaries=memory.temp_size_in_bytes,
+        compile_s=time.perf_counter() - start,
     )

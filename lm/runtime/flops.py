@@ -47,6 +47,11 @@ def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     return 6.0 * matmul_params(cfg) + 12.0 * cfg.num_layers * seq_len * cfg.d_model
 
 
+def decode_flops_per_token(cfg: ModelConfig, slots: int) -> float:
+    """Model FLOPs of one decoded token attending to a full cache of `slots` positions."""
+    return 2.0 * matmul_params(cfg) + 4.0 * cfg.num_layers * slots * cfg.num_heads * cfg.head_dim
+
+
 def peak_flops(devices: list[jax.Device]) -> float:
     """Peak FLOP/s of `devices` together: datasheet × count for accelerators; for CPUs a measured
     matmul peak per process, since a process's emulated CPU devices share the same cores."""
