@@ -71,6 +71,36 @@ def _generate(args: argparse.Namespace) -> None:
         stop=args.stop,
         seed=args.seed,
         truncate_prompt=args.truncate,
+        overrides=args.overrides,
+    )
+
+
+def _chat(args: argparse.Namespace) -> None:
+    from lm.commands.chat import chat
+
+    chat(
+        args.run_dir,
+        step=args.step,
+        system=args.system,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        min_p=args.min_p,
+        repetition_penalty=args.repetition_penalty,
+        seed=args.seed,
+    )
+
+
+def _data_prepare(args: argparse.Namespace) -> None:
+    from lm.commands.data import prepare_data
+
+    prepare_data(
+        load_config(args.config, args.overrides),
+        shards=args.shards,
+        workers=args.workers,
+        process_index=args.process_index,
+        process_count=args.process_count,
     )
 
 
@@ -92,6 +122,12 @@ def _convert_to_hf(args: argparse.Namespace) -> None:
     from lm.commands.convert import to_hf
 
     print(to_hf(args.run_dir, args.dst))
+
+
+def _plot(args: argparse.Namespace) -> None:
+    from lm.commands.plot import plot
+
+    print(plot(args.runs, args.out))
 
 
 def _plan(args: argparse.Namespace) -> None:
@@ -191,6 +227,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     generate.set_defaults(run=_generate)
     generate.add_argument("--run", dest="run_dir", required=True, help="run directory")
+    generate.add_argument(
+        "overrides",
+        nargs="*",
+        help="data.tokenizer=PATH (a run saved without its tokenizer) or mesh.*=N",
+    )
     generate.add_argument("--step", type=int, help="checkpoint step (default: the newest)")
     generate.add_argument("--prompt", action="append", default=[], help="text (repeatable)")
     generate.add_argument("--prompts-file", help="one prompt per non-blank line")
@@ -211,6 +252,41 @@ def _parser() -> argparse.ArgumentParser:
         "--json", action="store_true", help="one JSON line per prompt instead of streaming"
     )
     generate.add_argument("--batch-size", type=int, default=8, help="prompts per batch (--json)")
+
+    chat = commands.add_parser(
+        "chat", help="chat with a trained causal LM in the terminal (/reset, /exit)"
+    )
+    chat.set_defaults(run=_chat)
+    chat.add_argument("--run", dest="run_dir", required=True, help="run directory")
+    chat.add_argument("--step", type=int, help="checkpoint step (default: the newest)")
+    chat.add_argument("--system", default="", help="system message leading the conversation")
+    chat.add_argument("--max-new-tokens", type=int, default=256, help="per reply")
+    chat.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    chat.add_argument("--top-k", type=int, default=0, help="0 = off")
+    chat.add_argument("--top-p", type=float, default=1.0, help="nucleus mass; 1 = off")
+    chat.add_argument("--min-p", type=float, default=0.0, help="0 = off")
+    chat.add_argument("--repetition-penalty", type=float, default=1.0, help="1 = off")
+    chat.add_argument("--seed", type=int, default=0, help="of the first reply; +1 per turn")
+
+    data = commands.add_parser("data", help="prepare tokenized data for pod-scale training")
+    data_actions = data.add_subparsers(dest="action", required=True)
+    prepare = data_actions.add_parser(
+        "prepare",
+        help="tokenize data.source once into sharded files under data.prepared (resumable)",
+    )
+    prepare.set_defaults(run=_data_prepare)
+    prepare.add_argument("--config", help="YAML file (see configs/)")
+    prepare.add_argument(
+        "overrides", nargs="*", help="e.g. data.source=tfds:lm1b data.prepared=gs://b/lm1b"
+    )
+    prepare.add_argument("--workers", type=int, default=0, help="processes (0 = every CPU)")
+    prepare.add_argument(
+        "--shards", type=int, default=0, help="shards per split (0 = ~50k documents each)"
+    )
+    prepare.add_argument(
+        "--process-index", type=int, default=0, help="this host, when several share the work"
+    )
+    prepare.add_argument("--process-count", type=int, default=1, help="hosts sharing the work")
 
     tokenizer = commands.add_parser("tokenizer", help="SentencePiece tokenizers")
     actions = tokenizer.add_subparsers(dest="action", required=True)
@@ -245,6 +321,14 @@ def _parser() -> argparse.ArgumentParser:
     to_hf.set_defaults(run=_convert_to_hf)
     to_hf.add_argument("--run", dest="run_dir", required=True, help="run directory (newest step)")
     to_hf.add_argument("--dst", required=True, help="directory for config.json + safetensors")
+    plot = commands.add_parser(
+        "plot", help="loss, learning rate, grad norm and tokens/s of runs against step (PNG)"
+    )
+    plot.set_defaults(run=_plot)
+    plot.add_argument("runs", nargs="+", metavar="RUN", help="run directories, overlaid")
+    plot.add_argument(
+        "--out", help="PNG to write (default: RUN/curves.png, or curves.png for several runs)"
+    )
     plan = commands.add_parser(
         "plan", help="memory per device of a config on a mesh (params, AdamW, activations)"
     )

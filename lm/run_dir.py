@@ -23,7 +23,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from lm.config import Config, MeshConfig, from_dict, to_dict
-from lm.data.tokenizer import TextTokenizer, existing_tokenizer
+from lm.data.tokenizer import TextTokenizer, existing_tokenizer, load_tokenizer
 from lm.model.build import build_model
 from lm.model.lora import merge_lora
 from lm.model.transformer import abstract_split
@@ -94,6 +94,22 @@ def load_run(
     params = restored["state"]["params"]
     tokenizer = existing_tokenizer(run_dir, cfg.data.tokenizer)
     return LoadedRun(cfg, tokenizer, graphdef, params, step, mesh)
+
+
+def configured_tokenizer(run: LoadedRun, cfg: Config) -> TextTokenizer | None:
+    """The run's tokenizer, or the one `cfg.data.tokenizer` names when it differs from the
+    run's config (a `data.tokenizer=PATH` override, e.g. for a run saved without one); its
+    ids must fit the model's vocabulary."""
+    if cfg.data.tokenizer in ("", run.config.data.tokenizer):
+        return run.tokenizer
+    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    vocab = run.config.model.vocab_size
+    if tokenizer.vocab_size > vocab:
+        raise ValueError(
+            f"Tokenizer {cfg.data.tokenizer} has {tokenizer.vocab_size} ids but the run's "
+            f"model.vocab_size is {vocab}; pass the tokenizer the run was trained with."
+        )
+    return tokenizer
 
 
 def write_run_files(
@@ -177,8 +193,12 @@ def export_merged(
     else is refused unless `overwrite`.
     """
     merged = nnx.state(merge_lora(nnx.merge(graphdef, params)))
-    plain = dataclasses.replace(cfg, finetune=dataclasses.replace(cfg.finetune, lora_rank=0))
     target = run_dir / "merged"
+    plain = dataclasses.replace(
+        cfg,
+        finetune=dataclasses.replace(cfg.finetune, lora_rank=0),
+        train=dataclasses.replace(cfg.train, run_dir=str(target)),  # where it really lives
+    )
     source = {"merged_from": str(run_dir)}
     ours = _step0_meta(target).get("merged_from") == source["merged_from"]
     write_params_run(target, plain, merged, source, tokenizer, overwrite=overwrite or ours)

@@ -297,3 +297,8 @@ def test_generate_cli_prints_json_and_streams_text(tmp_path, tokenizer, capsys):
     captured = capsys.readouterr()
     assert captured.out == "" and captured.err.count("\n") == 1
     assert "has no tokenizer.model or tokenizer.json" in captured.err
+    # As with lm evaluate, data.tokenizer=PATH names the tokenizer of a run saved without one.
+    assert main([*args, "--prompt", "the king", "--json", f"data.tokenizer={tokenizer.path}"]) == 0
+    assert json.loads(capsys.readouterr().out)["text"] == records[0]["text"]
+    assert main([*args, "--prompt", "the king", "data.seq_len=8"]) == 2
+    assert "data.tokenizer=PATH and mesh.* overrides only" in capsys.readouterr().err

@@ -52,8 +52,9 @@ def registered(monkeypatch):
     return base.TASKS
 
 
-def test_the_four_built_in_tasks_are_registered_by_importing_lm_tasks():
-    assert list(TASKS) == ["classification", "regression", "text_to_text", "token_labels"]
+def test_the_five_built_in_tasks_are_registered_by_importing_lm_tasks():
+    built_in = ["chat", "classification", "regression", "text_to_text", "token_labels"]
+    assert sorted(TASKS) == built_in
     assert all(name == task.name for name, task in TASKS.items())
 
 
@@ -91,8 +92,8 @@ def test_an_unknown_task_name_is_one_sentence_naming_the_valid_tasks():
     with pytest.raises(ConfigError) as error:
         task_for(cfg)
     assert str(error.value) == (
-        "finetune.task must be one of ['classification', 'regression', 'text_to_text', "
-        "'token_labels'], got 'sumarize'."
+        "finetune.task must be one of ['chat', 'classification', 'regression', "
+        "'text_to_text', 'token_labels'], got 'sumarize'."
     )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 from lm import interop
 
@@ -20,4 +21,6 @@ def from_hf(src: str, dst: str, overrides: Sequence[str] = (), overwrite: bool =
 
 def to_hf(run_dir: str, dst: str) -> str:
     """Export the newest checkpoint of `run_dir` to `dst`; returns a one-line summary."""
-    return f"{dst}: wrote {interop.to_hf(run_dir, dst)} (config.json, model.safetensors)"
+    architecture = interop.to_hf(run_dir, dst)
+    files = ", ".join(sorted(p.name for p in Path(dst).iterdir()))
+    return f"{dst}: wrote {architecture} ({files})"

@@ -23,11 +23,12 @@ from tqdm import tqdm
 from lm.config import Config, ConfigError, load_config, to_dict, validate
 from lm.data.batches import ordered_batches
 from lm.data.mlm import masked_eval_batches, masking_for, pseudo_perplexity_batches
-from lm.data.pipeline import rows_for, tokenize_documents
+from lm.data.pipeline import IndexedRows, rows_for, tokenize_documents
+from lm.data.prepared import prepared_rows
 from lm.data.sources import load_documents
 from lm.data.tokenizer import pad_id
 from lm.evaluation.lm_metrics import evaluate_lm
-from lm.run_dir import load_run, read_run_config
+from lm.run_dir import configured_tokenizer, load_run, read_run_config
 from lm.runtime.distributed import initialize, process_zero_first
 from lm.runtime.mesh import batch_sharding, make_mesh
 from lm.runtime.platforms import for_platform
@@ -60,7 +61,8 @@ def _report_path(
     """RUN/eval/<source>-<split>-<layout>-L<seq_len>-step<N>[-first<B>][-pseudo].json"""
     d = cfg.data
     layout = f"window{d.stride or d.seq_len}" if d.packing == "window" else d.packing
-    name = f"{_slug(d.source)}-{split}-{layout}-L{d.seq_len}-step{step}"
+    source = d.mixture or d.prepared or d.source
+    name = f"{_slug(source)}-{split}-{layout}-L{d.seq_len}-step{step}"
     name += (f"-first{max_batches}" if max_batches else "") + ("-pseudo" if pseudo else "")
     return run_dir / "eval" / f"{name}.json"
 
@@ -104,30 +106,41 @@ def evaluate_run(
             "so drop --pseudo-perplexity."
         )
     run = load_run(run_dir, step=step, mesh=mesh)
+    run.tokenizer = configured_tokenizer(run, cfg)  # a data.tokenizer=PATH override wins
     if run.tokenizer is None:
         raise FileNotFoundError(
             f"{run_dir} has no tokenizer.model or tokenizer.json and its config names none; set "
             "data.tokenizer=PATH to the tokenizer the run was trained with."
         )
     d = cfg.data
-    # Process 0 builds a local source's TFDS copy (if it needs one) before the others read it.
-    documents = process_zero_first(
-        "evaluate_data",
-        lambda: load_documents(
-            d.source, d.data_dir, d.validation_fraction, d.text_key or None, d.text_unit
-        ),
-    )
-    if split not in documents:
-        raise ValueError(
-            f"Data source {d.source} has no '{split}' split; choose one of {sorted(documents)}."
+    if d.prepared or d.mixture:  # read by row from `lm data prepare`'s shards
+        rows, stats = prepared_rows(d, split, run.tokenizer)
+        if pseudo_perplexity:  # masks every token of every row: the rows are held in memory
+            if not isinstance(rows, IndexedRows):
+                raise ConfigError(
+                    "--pseudo-perplexity scores one prepared directory; set data.prepared to "
+                    "one of the mixture's directories (and data.mixture= empty)."
+                )
+            rows = rows.all()
+    else:
+        # Process 0 builds a local source's TFDS copy (if it needs one) before the others read it.
+        documents = process_zero_first(
+            "evaluate_data",
+            lambda: load_documents(
+                d.source, d.data_dir, d.validation_fraction, d.text_key or None, d.text_unit
+            ),
         )
-    rows, stats = rows_for(
-        tokenize_documents(run.tokenizer, documents[split]),
-        d.seq_len,
-        d.packing,
-        d.stride,
-        pad_id(run.tokenizer),
-    )
+        if split not in documents:
+            raise ValueError(
+                f"Data source {d.source} has no '{split}' split; choose one of {sorted(documents)}."
+            )
+        rows, stats = rows_for(
+            tokenize_documents(run.tokenizer, documents[split]),
+            d.seq_len,
+            d.packing,
+            d.stride,
+            pad_id(run.tokenizer),
+        )
     # Rows split evenly over the batch-sharded devices; padding rows fill the last batch.
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
     batch_size = -(-d.batch_size // shards) * shards

@@ -17,7 +17,7 @@ from etils import epath
 from flax import nnx
 from jax.sharding import Mesh
 
-from lm.config import Config, check_finetuning
+from lm.config import Config, check_finetuning, to_dict
 from lm.data.batches import ArrayTable, StepBatcher
 from lm.data.task_data import encode, finetune_tokenizer, stats_line, task_examples
 from lm.evaluation.tasks import AnswerScorer, evaluate_task
@@ -27,6 +27,7 @@ from lm.runtime.flops import peak_flops
 from lm.runtime.mesh import batch_sharding
 from lm.tasks import Task, task_for
 from lm.train.checkpoint import BestCheckpoint, Checkpointer
+from lm.train.curves import write_run_curves
 from lm.train.freeze import finetune_optimizer, gate_frozen
 from lm.train.init_from import backbone_prefix, copy_backbone
 from lm.train.loop import run_mesh, start_session
@@ -62,7 +63,7 @@ def _finetune(cfg: Config, task: Task, mesh: Mesh, run_dir: epath.Path) -> dict[
     train = encoded["train"][0]
     write_run_files(run_dir, cfg, tokenizer)
 
-    writer = MetricsWriter(run_dir, cfg.train.steps)
+    writer = MetricsWriter(run_dir, cfg.train.steps, wandb=cfg.train.wandb, config=to_dict(cfg))
     for note in notes:
         writer.print(note)
     for split, (_, stats) in encoded.items():
@@ -135,4 +136,6 @@ def _finetune(cfg: Config, task: Task, mesh: Mesh, run_dir: epath.Path) -> dict[
             writer.print(f"LoRA merged into the base weights: {run_dir / 'merged'}")
     if jax.process_index() == 0:
         (run_dir / "final_eval.json").write_text(json.dumps(final, indent=2))
+        if (curves := write_run_curves(run_dir)) is not None:  # needs matplotlib
+            writer.print(f"curves: {curves}")
     return final

@@ -9,7 +9,10 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from lm.config import Config, ConfigError, load_config
 from lm.inference.generator import Generator
+from lm.run_dir import configured_tokenizer, load_run, read_run_config
+from lm.runtime.mesh import make_mesh
 
 
 def generate(
@@ -20,17 +23,39 @@ def generate(
     step: int | None,
     as_json: bool,
     batch_size: int,
+    overrides: Sequence[str] = (),
     **options,
 ) -> None:
-    """Continue the prompts with checkpoint `step` (default newest) of `run_dir`."""
+    """Continue the prompts with checkpoint `step` (default newest) of `run_dir`; `overrides`
+    (`data.tokenizer=PATH`, `mesh.*=N`) change the run's config for this command."""
     collected = read_prompts(prompts, prompts_file)
-    generator = Generator.from_run(run_dir, step=step)
-    if generator.tokenizer is None:  # said before any prompt is printed
+    cfg = generation_config(run_dir, overrides)
+    touches_mesh = any(o.strip().startswith("mesh.") for o in overrides)
+    run = load_run(run_dir, step=step, mesh=make_mesh(cfg.mesh) if touches_mesh else None)
+    tokenizer = configured_tokenizer(run, cfg)
+    if tokenizer is None:  # said before any prompt is printed
         raise FileNotFoundError(
             f"{run_dir} has no tokenizer.model or tokenizer.json and its config names none; "
-            "copy the tokenizer the run was trained with into it as tokenizer.model."
+            "pass data.tokenizer=PATH to the tokenizer the run was trained with."
         )
+    generator = Generator(run.model, tokenizer, mesh=run.mesh)
     print_generations(generator, collected, as_json=as_json, batch_size=batch_size, **options)
+
+
+def generation_config(run_dir: str | Path, overrides: Sequence[str] = ()) -> Config:
+    """The run's config with `overrides`, which may name the tokenizer and the mesh only (the
+    model is the run's, and no other setting changes what is generated)."""
+    cfg = read_run_config(run_dir)
+    if not overrides:
+        return cfg
+    for item in overrides:
+        key = item.split("=", 1)[0].strip()
+        if key != "data.tokenizer" and not key.startswith("mesh."):
+            raise ConfigError(
+                f"lm generate takes data.tokenizer=PATH and mesh.* overrides only, not {key}; "
+                "sampling has its own options (see lm generate --help)."
+            )
+    return load_config(Path(run_dir) / "config.yaml", overrides)
 
 
 def read_prompts(prompts: Sequence[str], prompts_file: str | None) -> list[str]:

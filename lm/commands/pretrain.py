@@ -13,10 +13,12 @@ import jax
 from etils import epath
 from jax.sharding import Mesh
 
-from lm.config import Config, check_pretraining
+from lm.config import Config, check_pretraining, to_dict
 from lm.data.batches import ordered_batches
+from lm.data.mixture import MixtureBatcher
 from lm.data.mlm import MaskedStepBatches, masked_eval_batches, masking_for
 from lm.data.pipeline import load_pretrain_data
+from lm.data.prepared import load_prepared_data
 from lm.evaluation.lm_metrics import evaluate_lm
 from lm.inference.generator import sample_text
 from lm.run_dir import write_run_files
@@ -25,6 +27,7 @@ from lm.runtime.flops import peak_flops
 from lm.runtime.mesh import batch_sharding
 from lm.runtime.platforms import for_platform
 from lm.train.checkpoint import Checkpointer
+from lm.train.curves import write_run_curves
 from lm.train.loop import run_mesh, start_session
 from lm.train.metrics import MetricsWriter
 from lm.train.objectives import TokenCrossEntropy
@@ -45,13 +48,20 @@ def pretrain(cfg: Config) -> dict[str, float]:
 
 def _pretrain(cfg: Config, mesh: Mesh, run_dir: epath.Path) -> dict[str, float]:
     """The run, once this process owns `run_dir`."""
-    # Process 0 trains the run's tokenizer (if it needs one) before the others read it.
+    # Prepared data (`lm data prepare`) is read by row; otherwise every split is tokenized
+    # here, process 0 training the run's tokenizer (if it needs one) before the others read it.
+    prepared = bool(cfg.data.prepared or cfg.data.mixture)
+    load = load_prepared_data if prepared else load_pretrain_data
     data = process_zero_first(
-        "pretrain_data", lambda: load_pretrain_data(cfg.data, run_dir, cfg.model.vocab_size)
+        "pretrain_data", lambda: load(cfg.data, run_dir, cfg.model.vocab_size)
     )
-    write_run_files(run_dir, cfg)
+    # A prepared run keeps the tokenizer its data was made with, for evaluation and generation.
+    write_run_files(run_dir, cfg, data.tokenizer if prepared else None)
 
-    writer = MetricsWriter(run_dir, cfg.train.steps)
+    writer = MetricsWriter(run_dir, cfg.train.steps, wandb=cfg.train.wandb, config=to_dict(cfg))
+    if isinstance(data.train, MixtureBatcher):  # per-source shares and token counts
+        for line in data.train.describe(cfg.data.seq_len, cfg.train.steps):
+            writer.print(line)
     for split, stats in (("train", data.train_stats), ("validation", data.validation_stats)):
         writer.print(
             f"{split}: {stats.documents:,} documents → {stats.rows:,} rows of {cfg.data.seq_len} "
@@ -110,4 +120,6 @@ def _pretrain(cfg: Config, mesh: Mesh, run_dir: epath.Path) -> dict[str, float]:
             writer.print(f"sample:\n{text}")
     if jax.process_index() == 0:
         (run_dir / "final_eval.json").write_text(json.dumps(final, indent=2))
+        if (curves := write_run_curves(run_dir)) is not None:  # needs matplotlib
+            writer.print(f"curves: {curves}")
     return final

@@ -6,6 +6,7 @@ from lm.config.checks import (
     check_pretraining,
     check_training_mesh,
     mesh_shape,
+    mixture_components,
     validate,
 )
 from lm.config.loading import build_config, from_dict, load_config, to_dict
@@ -38,6 +39,7 @@ __all__ = [
     "from_dict",
     "load_config",
     "mesh_shape",
+    "mixture_components",
     "to_dict",
     "validate",
 ]

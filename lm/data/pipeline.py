@@ -11,6 +11,10 @@ is the tokenizer's pad id, else 0 (padding carries no loss and is masked from at
 - `window`: one document per row, windows starting every `stride` tokens; each token after
   BOS is scored exactly once, in the first window that holds it (Hugging Face strided
   perplexity), via a per-token `scored` mask.
+
+`IndexedRows` computes any row from its index and the documents' offsets in the token stream,
+one code path for documents tokenized in memory (`MemoryStream`) and for the shards
+`lm data prepare` writes (`lm.data.prepared.ShardStream`), which are never loaded whole.
 """
 
 from __future__ import annotations
@@ -18,11 +22,13 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Sequence
+from typing import Protocol
 
 import numpy as np
 
 from lm.config import DataConfig
-from lm.data.batches import StepBatcher
+from lm.data.batches import StepBatcher, Table
+from lm.data.mixture import MixtureBatcher
 from lm.data.sources import load_documents
 from lm.data.tokenizer import PAD_ID, TextTokenizer, pad_id, resolve_tokenizer
 
@@ -81,58 +87,167 @@ def tokenize_documents(tokenizer: TextTokenizer, docs: Sequence[str]) -> list[np
     return [np.array(lead + ids, np.int32) for ids in tokenizer.encode_batch(list(docs))]
 
 
+class TokenStream(Protocol):
+    """Documents' tokens concatenated, read by position: `MemoryStream` here, or prepared
+    shards (`lm.data.prepared.ShardStream`)."""
+
+    tokens: int  # length of the stream
+    documents: int
+    nonempty_documents: int  # documents with at least one token
+
+    def read(self, positions: np.ndarray) -> np.ndarray:
+        """int32 token ids at `positions` (any shape, each in [0, tokens))."""
+        ...
+
+    def document_ids(self, positions: np.ndarray) -> np.ndarray:
+        """int32 1-based index of the document holding each of `positions`."""
+        ...
+
+    def all_offsets(self) -> np.ndarray:
+        """int64 [documents + 1]: every document's start in the stream, then its end."""
+        ...
+
+
+class MemoryStream:
+    """Tokenized documents held in memory as one stream."""
+
+    def __init__(self, docs: Sequence[Sequence[int]]):
+        lengths = np.array([len(d) for d in docs], np.int64)
+        self.offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        arrays = [np.asarray(d, np.int32) for d in docs]
+        self.stream = np.concatenate(arrays) if arrays else np.zeros(0, np.int32)
+        self.tokens, self.documents = len(self.stream), len(docs)
+        self.nonempty_documents = int((lengths > 0).sum())
+
+    def read(self, positions: np.ndarray) -> np.ndarray:
+        return self.stream[positions]
+
+    def document_ids(self, positions: np.ndarray) -> np.ndarray:
+        # 'right': an empty document shares its start with the next one, which holds the token.
+        return np.searchsorted(self.offsets, positions, side="right").astype(np.int32)
+
+    def all_offsets(self) -> np.ndarray:
+        return self.offsets
+
+
+class IndexedRows:
+    """Rows of a token stream laid out as `data.packing` says, each computed from its index.
+
+    `pack` needs only the stream's token count; `truncate` and `window` index rows by document,
+    so they read every document's offset (8 bytes a document) when made.
+    """
+
+    def __init__(
+        self, stream: TokenStream, seq_len: int, packing: str, stride: int = 0, pad: int = PAD_ID
+    ):
+        if packing not in ("pack", "truncate", "window"):
+            raise ValueError(f"packing must be 'pack', 'truncate' or 'window', got '{packing}'.")
+        self.stream, self.seq_len, self.packing, self.pad = stream, seq_len, packing, pad
+        self.stride = (stride or seq_len) if packing == "window" else 0
+        if packing == "window" and not 1 <= self.stride <= seq_len:
+            raise ValueError(f"Window stride must be in [1, seq_len={seq_len}], got {stride}.")
+        if packing == "pack":
+            self._rows = -(-max(stream.tokens - 1, 0) // seq_len)
+        else:
+            self._starts = stream.all_offsets()
+            lengths = np.diff(self._starts)
+            if packing == "truncate":
+                counts = (lengths >= 2).astype(np.int64)
+            else:  # windows every `stride` tokens until one reaches the document's end
+                extra = -(-np.maximum(lengths - seq_len - 1, 0) // self.stride)
+                counts = np.where(lengths >= 2, 1 + extra, 0)
+            self._lengths = lengths
+            self._row_starts = np.concatenate([[0], np.cumsum(counts)])
+            self._rows = int(self._row_starts[-1])
+
+    def __len__(self) -> int:
+        return self._rows
+
+    def describe(self) -> str:
+        return f"packs into {len(self)} rows of {self.seq_len + 1} tokens"
+
+    def rows(self, indices: np.ndarray) -> PackedRows:
+        """`PackedRows` of `indices`, each in [0, len)."""
+        indices = np.asarray(indices, np.int64)
+        col = np.arange(self.seq_len + 1)
+        if self.packing == "pack":
+            positions = indices[:, None] * self.seq_len + col
+            real = positions < self.stream.tokens
+            scored = None
+        else:
+            doc = np.searchsorted(self._row_starts, indices, side="right") - 1
+            window = indices - self._row_starts[doc]
+            start = window * self.stride  # 0 for truncate
+            index = start[:, None] + col
+            real = index < self._lengths[doc][:, None]
+            positions = self._starts[doc][:, None] + index
+            scored = None
+            if self.packing == "window":
+                # A window scores only tokens past the previous window's end; BOS never.
+                first_new = np.where(window == 0, 1, start - self.stride + self.seq_len + 1)
+                scored = real & (index >= first_new[:, None])
+        tokens = np.full(positions.shape, self.pad, np.int32)
+        doc_ids = np.zeros(positions.shape, np.int32)
+        tokens[real] = self.stream.read(positions[real])
+        doc_ids[real] = self.stream.document_ids(positions[real])
+        return PackedRows(tokens, doc_ids, self.seq_len, scored, self.pad)
+
+    def all(self) -> PackedRows:
+        """Every row, in memory."""
+        return self.rows(np.arange(len(self)))
+
+    def take(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+        """Model inputs for `indices`; index -1 gives an all-padding row (weight 0)."""
+        indices = np.asarray(indices, np.int64)
+        real = indices >= 0
+        rows = self.rows(np.where(real, indices, 0))
+        return make_batch(rows, np.where(real, np.arange(len(indices)), -1))
+
+    def stats(self) -> RowStats:
+        """What the rows cost (padding, truncation), from the counts alone."""
+        L, rows = self.seq_len, len(self)
+        if not rows:
+            return RowStats(self.stream.documents, 0, 0.0, 0.0)
+        if self.packing == "pack":
+            targets = self.stream.tokens - 1  # every stream token but the first, once
+            # A document's first token follows another document's last: no loss there.
+            scored = targets - (self.stream.nonempty_documents - 1)
+            return RowStats(
+                self.stream.documents, rows, 1 - targets / (rows * L), scored / (rows * L)
+            )
+        lengths = self._lengths[self._lengths >= 2]
+        if self.packing == "truncate":
+            real = np.minimum(lengths, L + 1) - 1
+            excess = np.maximum(lengths - L - 1, 0)
+            return RowStats(
+                self.stream.documents,
+                rows,
+                1 - real.sum() / (rows * L),
+                real.sum() / (rows * L),
+                int((excess > 0).sum()),
+                int(excess.sum()),
+            )
+        # Windows: each holds min(L + 1, what is left) tokens; each token after BOS is scored once.
+        counts = np.diff(self._row_starts)[self._lengths >= 2]
+        doc = np.repeat(np.arange(len(lengths)), counts)
+        window = np.arange(len(doc)) - np.repeat(np.cumsum(counts) - counts, counts)
+        held = np.minimum(lengths[doc] - window * self.stride, L + 1)
+        padding = (L - (held - 1)).sum()
+        return RowStats(
+            self.stream.documents, rows, padding / (rows * L), (lengths - 1).sum() / (rows * L)
+        )
+
+
 def pack_documents(docs: Sequence[Sequence[int]], seq_len: int, pad: int = PAD_ID) -> PackedRows:
     """Concatenate `docs` and cut the stream into rows overlapping by one token (nanoGPT style)."""
-    stream = np.concatenate([np.asarray(d, np.int32) for d in docs] or [np.zeros(0, np.int32)])
-    ids = np.repeat(np.arange(1, len(docs) + 1, dtype=np.int32), [len(d) for d in docs])
-    num_rows = -(-max(len(stream) - 1, 0) // seq_len)
-    size = num_rows * seq_len + 1
-    tokens = np.full(size, pad, np.int32)
-    doc_ids = np.zeros(size, np.int32)
-    tokens[: len(stream)], doc_ids[: len(stream)] = stream, ids
-    window = np.arange(num_rows)[:, None] * seq_len + np.arange(seq_len + 1)
-    return PackedRows(tokens=tokens[window], doc_ids=doc_ids[window], seq_len=seq_len, pad=pad)
-
-
-def _document_rows(
-    docs: Sequence[Sequence[int]], seq_len: int, stride: int | None, pad: int
-) -> PackedRows:
-    """One document per row: windows every `stride` tokens, or only the first (None)."""
-    tokens_rows, ids_rows, scored_rows = [], [], []
-    col = np.arange(seq_len + 1)
-    for doc_id, doc in enumerate(docs, start=1):
-        doc = np.asarray(doc, np.int32)
-        if len(doc) < 2:  # a lone BOS has no target
-            continue
-        # Windows start every `stride` tokens until one reaches the document's end.
-        count = 1 if stride is None else 1 + -(-max(len(doc) - seq_len - 1, 0) // stride)
-        starts = np.arange(count) * (stride or 0)
-        index = starts[:, None] + col
-        real = index < len(doc)
-        tokens_rows.append(np.where(real, doc[np.minimum(index, len(doc) - 1)], pad))
-        ids_rows.append(np.where(real, doc_id, 0))
-        # A window scores only tokens past the previous window's end; BOS (index 0) never.
-        first_new = np.concatenate([[1], starts[:-1] + seq_len + 1])
-        scored_rows.append(real & (index >= first_new[:, None]))
-    if not tokens_rows:
-        empty = np.zeros((0, seq_len + 1), np.int32)
-        return PackedRows(
-            empty, empty, seq_len, None if stride is None else empty.astype(bool), pad
-        )
-    return PackedRows(
-        tokens=np.concatenate(tokens_rows).astype(np.int32),
-        doc_ids=np.concatenate(ids_rows).astype(np.int32),
-        seq_len=seq_len,
-        scored=None if stride is None else np.concatenate(scored_rows),
-        pad=pad,
-    )
+    return IndexedRows(MemoryStream(docs), seq_len, "pack", pad=pad).all()
 
 
 def truncate_documents(
     docs: Sequence[Sequence[int]], seq_len: int, pad: int = PAD_ID
 ) -> PackedRows:
     """One padded row per document holding its first `seq_len + 1` tokens; no packing."""
-    return _document_rows(docs, seq_len, stride=None, pad=pad)
+    return IndexedRows(MemoryStream(docs), seq_len, "truncate", pad=pad).all()
 
 
 def window_documents(
@@ -145,7 +260,7 @@ def window_documents(
     """
     if not 1 <= stride <= seq_len:
         raise ValueError(f"Window stride must be in [1, seq_len={seq_len}], got {stride}.")
-    return _document_rows(docs, seq_len, stride, pad)
+    return IndexedRows(MemoryStream(docs), seq_len, "window", stride, pad).all()
 
 
 def rows_for(
@@ -207,11 +322,12 @@ def make_batch(rows: PackedRows, indices: np.ndarray) -> dict[str, np.ndarray]:
 
 @dataclasses.dataclass
 class PretrainData:
-    """Everything pretraining reads: the tokenizer, train batches, validation rows and stats."""
+    """Everything pretraining reads: the tokenizer, train batches, validation rows and stats
+    (rows in memory, or read from prepared data by `lm.data.prepared.load_prepared_data`)."""
 
     tokenizer: TextTokenizer
-    train: StepBatcher
-    validation: PackedRows
+    train: StepBatcher | MixtureBatcher
+    validation: Table
     token_bytes: np.ndarray
     train_stats: RowStats
     validation_stats: RowStats

@@ -42,14 +42,12 @@ def _dataset_examples(cfg: Config) -> tuple[dict[str, Examples], list[str]]:
 def _record_examples(cfg: Config) -> dict[str, Examples]:
     """Examples from local .jsonl/.csv records, split by a hash of each record."""
     f, task = cfg.finetune, task_for(cfg)
-    columns = [f.text_column, *f.label_column.split(",")]
     splits = local_records(f.dataset, cfg.data.validation_fraction)
     out = {}
     for split, records in splits.items():
-        require_columns(records, columns, f.dataset)
-        inputs = [r[f.text_column] for r in records]
-        refs = [task.reference(f, r, i) for i, r in enumerate(records)]
-        out[split] = (inputs, refs)
+        require_columns(records, task.columns(f), f.dataset)
+        pairs = [task.example(f, r, i) for i, r in enumerate(records)]
+        out[split] = ([x for x, _ in pairs], [y for _, y in pairs])
     return out
 
 
@@ -62,8 +60,8 @@ def finetune_tokenizer(
     cfg: Config, run_dir: epath.Path, init_tokenizer: TextTokenizer | None, train_inputs: list
 ) -> TextTokenizer:
     """This run's tokenizer (kept on resume), else init_from's, data.tokenizer, or a new one
-    trained on the training inputs (word lists joined by spaces)."""
-    texts = (t if isinstance(t, str) else " ".join(t) for t in train_inputs)
+    trained on the training inputs (their task's `corpus_text`)."""
+    texts = map(task_for(cfg).corpus_text, train_inputs)
     return resolve_tokenizer(
         run_dir,
         cfg.data.tokenizer,
@@ -82,4 +80,9 @@ def stats_line(split: str, stats: TaskStats, seq_len: int) -> str:
     )
     if stats.dropped_target_tokens:
         line += f", {stats.dropped_target_tokens:,} of them answer tokens"
-    return line + ")"
+    line += ")"
+    if stats.rows:
+        one_each = 1 - stats.real_tokens / max(stats.examples * seq_len, 1)
+        packed = 1 - stats.real_tokens / (stats.rows * seq_len)
+        line += f"; packed into {stats.rows:,} rows, padding {one_each:.0%} -> {packed:.0%}"
+    return line

@@ -16,7 +16,7 @@ from lm.evaluation import task_metrics
 from lm.inference.generator import Generator
 from lm.runtime.mesh import to_global
 from lm.tasks import task_for
-from lm.tasks.encoding import Examples, frame_ids
+from lm.tasks.encoding import Examples
 
 
 def _gather(x: jax.Array) -> np.ndarray:
@@ -77,13 +77,12 @@ class AnswerScorer:
         inputs, answers = examples
         if f.generate_examples:
             inputs, answers = inputs[: f.generate_examples], answers[: f.generate_examples]
-        prompts = self.tokenizer.encode_batch([f.template.replace("{input}", x) for x in inputs])
-        bos = frame_ids(self.tokenizer)[0]
+        prompts, stop = task_for(self.cfg).answer_prompts(self.cfg, self.tokenizer, inputs)
         completions = self.generator.generate_ids(
-            [[bos, *p] for p in prompts],
+            prompts,
             max_new_tokens=f.max_new_tokens,
             temperature=0.0,
-            stop=["\n"],
+            stop=stop,
             truncate_prompt=True,
         )
         predicted = [c.text for c in completions]

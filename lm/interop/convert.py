@@ -4,7 +4,8 @@ from-hf reads `config.json`, maps it to a `Config`, and streams the weights tens
 straight onto their shardings (an FSDP mesh over all devices by default) before writing a
 params-only checkpoint with `lm.run_dir.write_params_run`. to-hf loads a run's parameters and
 streams them out one tensor at a time as `model.safetensors` + `config.json`, loadable by
-`transformers` `from_pretrained`.
+`transformers` `from_pretrained`, with `generation_config.json` and the tokenizer files
+(`lm.interop.hf_files`).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from jax.sharding import Mesh
 
 from lm.config import Config, ConfigError, DataConfig, MeshConfig, ModelConfig, from_dict
 from lm.data.hf_tokenizer import wordpiece_tokenizer_json
-from lm.interop import bert, gpt2, llama
+from lm.interop import bert, gpt2, hf_files, llama
 from lm.interop.mapping import Tensors, hf_tensors, load_params
 from lm.interop.safetensors_io import SINGLE_FILE, SafetensorsReader, write_safetensors
 from lm.model.build import build_model
@@ -162,18 +163,23 @@ def from_hf(
     src, dst = Path(src), Path(dst)
     check_destination(epath.Path(dst), overwrite)  # before the import, which can take minutes
     cfg, _, params = import_hf(src, mesh, overrides)
+    if not any(o.strip().startswith("train.run_dir=") for o in overrides):
+        cfg.train = dataclasses.replace(cfg.train, run_dir=str(dst))  # where it really lives
     arch = architecture(read_hf_config(src))
     meta = {"converted_from": str(src), "architecture": arch.name}
     write_params_run(dst, cfg, params, meta, overwrite=overwrite)
+    shutil.copyfile(src / "config.json", dst / hf_files.SOURCE_CONFIG)  # dropout, special ids
     copy_tokenizer(src, dst)
     return cfg
 
 
 def copy_tokenizer(src: Path, dst: Path) -> None:
     """Copy `src`'s tokenizer into `dst`: tokenizer.model (SentencePiece), else tokenizer.json
-    with its special_tokens_map.json, else a tokenizer.json built from a WordPiece vocab.txt."""
+    with its special_tokens_map.json, tokenizer_config.json and chat_template.jinja, else a
+    tokenizer.json built from a WordPiece vocab.txt."""
 
-    for name in ("tokenizer.model", "tokenizer.json", "special_tokens_map.json"):
+    beside = (hf_files.SPECIAL_TOKENS_MAP, hf_files.TOKENIZER_CONFIG, hf_files.CHAT_TEMPLATE)
+    for name in ("tokenizer.model", "tokenizer.json", *beside):
         if (src / name).is_file():
             shutil.copyfile(src / name, dst / name)
             if name == "tokenizer.model":
@@ -227,7 +233,9 @@ def export_config(cfg: Config) -> tuple[Architecture, dict]:
 
 
 def to_hf(run_dir: str | Path, dst: str | Path, *, mesh: Mesh | None = None) -> str:
-    """Write run `run_dir`'s newest parameters as a HF model directory `dst`; returns its class."""
+    """Write run `run_dir`'s newest parameters as a HF model directory `dst`: config.json
+    (with the special ids and an imported model's dropout values), model.safetensors,
+    generation_config.json (causal models) and the tokenizer; returns the HF class."""
 
     cfg = read_run_config(run_dir)
     arch, hf = export_config(cfg)
@@ -237,6 +245,14 @@ def to_hf(run_dir: str | Path, dst: str | Path, *, mesh: Mesh | None = None) -> 
     dst.mkdir(parents=True, exist_ok=True)
     shapes, fetch = hf_tensors(run.params, _entries(arch, m), m.num_layers, m.scan_layers)
     write_safetensors(dst / SINGLE_FILE, shapes, fetch, {"format": "pt"})
+    source = hf_files.source_config(run_dir, cfg.finetune.init_from)
+    ids = hf_files.special_ids(run.tokenizer, source)
+    hf.update(ids)
+    hf.update(hf_files.original_dropout(hf, source, m.dropout))
     (dst / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
-    copy_tokenizer(Path(run_dir), dst)
+    if m.causal:
+        generation = hf_files.generation_config(ids)
+        (dst / hf_files.GENERATION_CONFIG).write_text(json.dumps(generation, indent=2) + "\n")
+    if run.tokenizer is not None:
+        hf_files.write_tokenizer(run.tokenizer, dst, m.max_seq_len)
     return arch.name

@@ -14,7 +14,7 @@ from flax import nnx
 from lm.config import Config, ConfigError, FinetuneConfig
 from lm.data.finetune_demos import DEMOS
 from lm.data.tokenizer import TextTokenizer
-from lm.tasks.encoding import Examples, TaskStats
+from lm.tasks.encoding import Examples, TaskStats, frame_ids
 
 
 class Task:
@@ -40,6 +40,28 @@ class Task:
     def reference(self, f: FinetuneConfig, record: dict, index: int) -> object:
         """The reference (label, targets, tags, answer) of local record number `index`."""
         raise NotImplementedError
+
+    def columns(self, f: FinetuneConfig) -> list[str]:
+        """Columns every local record must have."""
+        return [f.text_column, *f.label_column.split(",")]
+
+    def example(self, f: FinetuneConfig, record: dict, index: int) -> tuple[object, object]:
+        """(input, reference) of local record number `index`."""
+        return record[f.text_column], self.reference(f, record, index)
+
+    def corpus_text(self, example_input: object) -> str:
+        """The text of an input that a new tokenizer trains on (word lists joined by spaces)."""
+        return example_input if isinstance(example_input, str) else " ".join(example_input)
+
+    def answer_prompts(
+        self, cfg: Config, tokenizer: TextTokenizer, inputs: list
+    ) -> tuple[list[list[int]], list[str]]:
+        """(prompt ids whose greedy continuations are scored against the references, stop
+        strings) for tasks that predict tokens: `finetune.template` after BOS, up to a newline."""
+        template = cfg.finetune.template
+        prompts = tokenizer.encode_batch([template.replace("{input}", x) for x in inputs])
+        bos = frame_ids(tokenizer)[0]
+        return [[bos, *p] for p in prompts], ["\n"]
 
     def encode(
         self, cfg: Config, tokenizer: TextTokenizer, examples: Examples
@@ -76,7 +98,7 @@ def register(cls: type[Task]) -> type[Task]:
 def task_named(name: str) -> Task:
     """The registered task `name` (a `finetune.task` value)."""
     if name not in TASKS:
-        raise ConfigError(f"finetune.task must be one of {list(TASKS)}, got '{name}'.")
+        raise ConfigError(f"finetune.task must be one of {sorted(TASKS)}, got '{name}'.")
     return TASKS[name]
 
 

@@ -51,6 +51,9 @@ class TaskStats:
     truncated: int
     dropped_tokens: int
     dropped_target_tokens: int = 0  # text-to-text only: answer tokens (incl. EOS) cut
+    # Packed rows (chat): several examples per row; with the real tokens, says padding saved.
+    rows: int = 0  # 0 = one row per example
+    real_tokens: int = 0
 
 
 def encode_texts(

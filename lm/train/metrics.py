@@ -11,6 +11,8 @@ import jax
 from etils import epath
 from tensorboardX import SummaryWriter
 
+from lm.train.wandb_log import WandbLog
+
 
 def _fmt_duration(seconds: float) -> str:
     seconds = int(max(seconds, 0))
@@ -33,7 +35,17 @@ class MetricsWriter:
     write, so that `resume_at` can drop what a resumed run will log again.
     """
 
-    def __init__(self, run_dir: str | Path, total_steps: int, stream=None):
+    def __init__(
+        self,
+        run_dir: str | Path,
+        total_steps: int,
+        stream=None,
+        *,
+        wandb: str = "",
+        config: dict | None = None,
+    ):
+        """`wandb`: a Weights & Biases project to send the same scalars to ("" = off), with
+        `config` (the run's, as a dict) recorded there."""
         self.enabled = jax.process_index() == 0
         self.run_dir = epath.Path(run_dir)  # local or gs://
         self.total_steps = total_steps
@@ -42,6 +54,7 @@ class MetricsWriter:
         self.start = time.perf_counter()
         self._jsonl = self._tb = None
         self._purge_step: int | None = None
+        self._wandb = WandbLog(wandb, self.run_dir, config) if wandb and self.enabled else None
         if self.enabled:
             self.run_dir.mkdir(parents=True, exist_ok=True)
 
@@ -79,6 +92,8 @@ class MetricsWriter:
             raise OSError(error.errno, error.strerror, path) from error
         for key, value in scalars.items():
             self._tb.add_scalar(f"{prefix}/{key}", float(value), step)
+        if self._wandb is not None:
+            self._wandb.log(step, {k: v for k, v in record.items() if k != "step"})
 
     def progress(self, step: int, scalars: dict[str, float], steps_done: int) -> None:
         """One progress report: step, loss, tokens/s, MFU and ETA."""
@@ -106,9 +121,13 @@ class MetricsWriter:
         self.stream.flush()
 
     def close(self) -> None:
-        if self._jsonl is not None:
-            self._jsonl.close()
-            self._tb.close()
+        try:
+            if self._jsonl is not None:
+                self._jsonl.close()
+                self._tb.close()
+        finally:
+            if self._wandb is not None:
+                self._wandb.close()
 
     def __enter__(self) -> MetricsWriter:
         return self
