@@ -50,6 +50,12 @@ def _evaluate(args: argparse.Namespace) -> None:
     print(format_report(report))
 
 
+def _sampling(args: argparse.Namespace) -> dict:
+    """The sampling flags `lm generate` and `lm chat` share, as Generator options."""
+    names = ("max_new_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty")
+    return {name: getattr(args, name) for name in (*names, "seed")}
+
+
 def _generate(args: argparse.Namespace) -> None:
     from lm.commands.generate import generate
 
@@ -60,36 +66,19 @@ def _generate(args: argparse.Namespace) -> None:
         step=args.step,
         as_json=args.json,
         batch_size=args.batch_size,
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        min_p=args.min_p,
-        repetition_penalty=args.repetition_penalty,
         num_beams=args.num_beams,
         length_penalty=args.length_penalty,
         stop=args.stop,
-        seed=args.seed,
         truncate_prompt=args.truncate,
         overrides=args.overrides,
+        **_sampling(args),
     )
 
 
 def _chat(args: argparse.Namespace) -> None:
     from lm.commands.chat import chat
 
-    chat(
-        args.run_dir,
-        step=args.step,
-        system=args.system,
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        min_p=args.min_p,
-        repetition_penalty=args.repetition_penalty,
-        seed=args.seed,
-    )
+    chat(args.run_dir, step=args.step, system=args.system, **_sampling(args))
 
 
 def _data_prepare(args: argparse.Namespace) -> None:
@@ -182,6 +171,17 @@ def _fraction(text: str) -> float:
     return value
 
 
+def _add_sampling_flags(parser: argparse.ArgumentParser, max_new_tokens: int, seed_help: str):
+    """The flags of `_sampling`."""
+    parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    parser.add_argument("--top-k", type=int, default=0, help="0 = off")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus mass; 1 = off")
+    parser.add_argument("--min-p", type=float, default=0.0, help="0 = off")
+    parser.add_argument("--repetition-penalty", type=float, default=1.0, help="1 = off")
+    parser.add_argument("--seed", type=int, default=0, help=seed_help)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lm", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -235,16 +235,10 @@ def _parser() -> argparse.ArgumentParser:
     generate.add_argument("--step", type=int, help="checkpoint step (default: the newest)")
     generate.add_argument("--prompt", action="append", default=[], help="text (repeatable)")
     generate.add_argument("--prompts-file", help="one prompt per non-blank line")
-    generate.add_argument("--max-new-tokens", type=int, default=128)
-    generate.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    generate.add_argument("--top-k", type=int, default=0, help="0 = off")
-    generate.add_argument("--top-p", type=float, default=1.0, help="nucleus mass; 1 = off")
-    generate.add_argument("--min-p", type=float, default=0.0, help="0 = off")
-    generate.add_argument("--repetition-penalty", type=float, default=1.0, help="1 = off")
+    _add_sampling_flags(generate, max_new_tokens=128, seed_help="of the sampled tokens")
     generate.add_argument("--num-beams", type=int, default=1, help="> 1: beam search")
     generate.add_argument("--length-penalty", type=float, default=1.0, help="beam ranking")
     generate.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    generate.add_argument("--seed", type=int, default=0)
     generate.add_argument(
         "--truncate", action="store_true", help="left-truncate prompts longer than the context"
     )
@@ -260,13 +254,7 @@ def _parser() -> argparse.ArgumentParser:
     chat.add_argument("--run", dest="run_dir", required=True, help="run directory")
     chat.add_argument("--step", type=int, help="checkpoint step (default: the newest)")
     chat.add_argument("--system", default="", help="system message leading the conversation")
-    chat.add_argument("--max-new-tokens", type=int, default=256, help="per reply")
-    chat.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    chat.add_argument("--top-k", type=int, default=0, help="0 = off")
-    chat.add_argument("--top-p", type=float, default=1.0, help="nucleus mass; 1 = off")
-    chat.add_argument("--min-p", type=float, default=0.0, help="0 = off")
-    chat.add_argument("--repetition-penalty", type=float, default=1.0, help="1 = off")
-    chat.add_argument("--seed", type=int, default=0, help="of the first reply; +1 per turn")
+    _add_sampling_flags(chat, max_new_tokens=256, seed_help="of the first reply; +1 per turn")
 
     data = commands.add_parser("data", help="prepare tokenized data for pod-scale training")
     data_actions = data.add_subparsers(dest="action", required=True)
