@@ -1,5 +1,6 @@
 """Every test runs on 8 CPU-emulated devices with JAX's persistent compilation cache."""
 
+import importlib.util
 import os
 import pathlib
 
@@ -7,11 +8,28 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # XLA's SPMD partitioner warns about resharding the embedding gather on meshes that use both
 # fsdp and tensor axes; correct, just slower, and noise in test logs.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# Tests compile hundreds of tiny programs and run each a few times: XLA's CPU backend optimizations
+# cost more compile time than they save (half the suite's time). Numerics stay deterministic, and
+# every parity and bitwise test compares runs made under these same flags. LM_TEST_XLA_OPT=1
+# keeps XLA's defaults, as does a machine with libtpu, whose TPU-topology compiles
+# (test_plan_topology) measure memory these flags could change. Subprocesses inherit XLA_FLAGS.
+FAST_COMPILE_XLA_FLAGS = (
+    "--xla_backend_optimization_level=0",
+    "--xla_llvm_disable_expensive_passes=true",
+)
+if os.environ.get("LM_TEST_XLA_OPT") != "1" and importlib.util.find_spec("libtpu") is None:
+    os.environ["XLA_FLAGS"] = " ".join(
+        [os.environ.get("XLA_FLAGS", ""), *FAST_COMPILE_XLA_FLAGS]
+    ).strip()
 
 import jax  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)
-_CACHE = pathlib.Path(__file__).resolve().parent.parent / ".cache" / "jax"
+# LM_TEST_CACHE_DIR points the cache elsewhere, e.g. at an empty folder to time a cold run.
+_CACHE = pathlib.Path(
+    os.environ.get("LM_TEST_CACHE_DIR")
+    or pathlib.Path(__file__).resolve().parent.parent / ".cache" / "jax"
+)
 jax.config.update("jax_compilation_cache_dir", str(_CACHE))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)

@@ -71,6 +71,8 @@ def read_losses(run_dir):
 def test_resumed_run_repeats_the_straight_run_bitwise(tiny_text_config, tmp_path, mesh):
     cfg = tiny_text_config
     cfg.mesh = mesh
+    # The sample comes after training (test_pretrain_cli checks it): not compiled here.
+    cfg.train = replace(cfg.train, sample_tokens=0)
     straight_dir, resumed_dir = tmp_path / "straight", tmp_path / "resumed"
     cfg.train = replace(cfg.train, run_dir=str(straight_dir))
     pretrain(cfg)
@@ -92,7 +94,7 @@ def test_a_corrupt_newest_checkpoint_resumes_from_the_previous_one_bitwise(
 ):
     cfg = tiny_text_config
     straight_dir, resumed_dir = tmp_path / "straight", tmp_path / "resumed"
-    cfg.train = replace(cfg.train, run_dir=str(straight_dir))
+    cfg.train = replace(cfg.train, run_dir=str(straight_dir), sample_tokens=0)
     pretrain(cfg)
     cfg.train = replace(cfg.train, run_dir=str(resumed_dir), stop_at=5)
     pretrain(cfg)  # checkpoints at 3 and 5

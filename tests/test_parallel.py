@@ -1,5 +1,7 @@
 """Mesh invariance: one train step gives the single-device loss and gradients on every mesh."""
 
+import functools
+
 import jax
 import numpy as np
 import pytest
@@ -19,8 +21,9 @@ from lm.train.step import make_train_step
 MESHES = [(2, 2, 2), (1, 8, 1), (8, 1, 1), (1, 2, 4)]
 
 
-def loss_and_grads(mesh_shape, cfg):
-    """Loss, gradients (as numpy) and the state after one step on a mesh of that shape."""
+def loss_and_grads(mesh_shape, cfg, train_step=True):
+    """Loss, gradients (as numpy) and the state after one step (with its loss) on a mesh of that
+    shape; without `train_step`, the initial state and no step loss (one compilation fewer)."""
     devices = jax.devices()[: int(np.prod(mesh_shape))]
     mesh = make_mesh(MeshConfig(*mesh_shape), devices)
     tx = make_optimizer(OptimConfig(), 10)
@@ -42,21 +45,30 @@ def loss_and_grads(mesh_shape, cfg):
 
         placed = jax.device_put(batch, batch_sharding(mesh))
         loss, grads = grads_of(state.params, placed)
-        step = make_train_step(graphdef, tx, objective, shardings)
-        state, metrics = step(state, placed)
+        step_loss = None
+        if train_step:
+            step = make_train_step(graphdef, tx, objective, shardings)
+            state, metrics = step(state, placed)
+            step_loss = float(metrics["loss"])
     flat = {jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree.leaves_with_path(grads)}
-    return float(loss), flat, state, float(metrics["loss"])
+    return float(loss), flat, state, step_loss
+
+
+@functools.cache
+def tiny_on_mesh(mesh_shape):
+    """`loss_and_grads` of the default tiny model, computed once per mesh for this module."""
+    return loss_and_grads(mesh_shape, tiny_model())
 
 
 @pytest.fixture(scope="module")
 def single_device():
-    return loss_and_grads((1, 1, 1), tiny_model())
+    return tiny_on_mesh((1, 1, 1))
 
 
 @pytest.mark.parametrize("mesh_shape", MESHES)
 def test_step_loss_and_grads_match_single_device(mesh_shape, single_device):
     loss1, grads1, _, step_loss1 = single_device
-    loss, grads, state, step_loss = loss_and_grads(mesh_shape, tiny_model())
+    loss, grads, state, step_loss = tiny_on_mesh(mesh_shape)
     assert loss == pytest.approx(loss1, rel=1e-5)
     assert step_loss == pytest.approx(step_loss1, rel=1e-5)
     for name, g1 in grads1.items():
@@ -64,7 +76,7 @@ def test_step_loss_and_grads_match_single_device(mesh_shape, single_device):
 
 
 def test_parameters_are_really_sharded_on_the_mesh():
-    _, _, state, _ = loss_and_grads((1, 2, 4), tiny_model())
+    _, _, state, _ = tiny_on_mesh((1, 2, 4))  # also one of MESHES: computed once
     specs = {
         jax.tree_util.keystr(k): v.sharding.spec for k, v in jax.tree.leaves_with_path(state.params)
     }
@@ -91,11 +103,16 @@ def test_logical_rules_drop_axes_that_do_not_divide():
     "overrides", [dict(scan_layers=False), dict(attention="math", remat="full")]
 )
 def test_model_variants_match_on_mesh(overrides, single_device):
-    base, _, _, _ = loss_and_grads((1, 1, 1), tiny_model(**overrides))
-    sharded, _, _, _ = loss_and_grads((2, 2, 2), tiny_model(**overrides))
+    # Loss and gradients are compared; no train step to compile.
+    base, base_grads, _, _ = loss_and_grads((1, 1, 1), tiny_model(**overrides), train_step=False)
+    sharded, grads, _, _ = loss_and_grads((2, 2, 2), tiny_model(**overrides), train_step=False)
     assert sharded == pytest.approx(base, rel=1e-5)
-    if "scan_layers" not in overrides:  # same parameters, different lowering: same loss
+    for name, g1 in base_grads.items():
+        np.testing.assert_allclose(grads[name], g1, rtol=1e-5, atol=1e-7, err_msg=name)
+    if "scan_layers" not in overrides:  # same parameters, different lowering: same loss and grads
         assert base == pytest.approx(single_device[0], rel=1e-5)
+        for name, g1 in single_device[1].items():
+            np.testing.assert_allclose(base_grads[name], g1, rtol=1e-5, atol=1e-7, err_msg=name)
 
 
 @pytest.mark.parametrize("tensor, kv_heads", [(2, 4), (4, 4), (4, 2)])
