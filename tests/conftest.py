@@ -125,6 +125,17 @@ def write_tiny_corpus(directory: pathlib.Path) -> pathlib.Path:
     return corpus
 
 
+# The model of every whole tiny run in the tests (16-token rows, a 300-piece tokenizer).
+TINY_RUN_MODEL = [
+    "model.vocab_size=300",
+    "model.d_model=32",
+    "model.num_layers=2",
+    "model.num_heads=4",
+    "model.d_ff=64",
+    "model.max_seq_len=16",
+]
+
+
 @pytest.fixture
 def tiny_text_config(tmp_path) -> Config:
     """A whole run on a small local text corpus: tiny model, few steps, run dir in tmp."""
@@ -137,12 +148,7 @@ def tiny_text_config(tmp_path) -> Config:
             "data.seq_len=16",
             "data.batch_size=8",
             "data.validation_fraction=0.2",
-            "model.vocab_size=300",
-            "model.d_model=32",
-            "model.num_layers=2",
-            "model.num_heads=4",
-            "model.d_ff=64",
-            "model.max_seq_len=16",
+            *TINY_RUN_MODEL,
             f"train.run_dir={tmp_path / 'run'}",
             "train.steps=6",
             "train.log_every=1",

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 import yaml
+from conftest import TINY_RUN_MODEL
 
 from lm.cli import main
 from lm.commands.data import prepare_data
@@ -29,12 +30,7 @@ def _config(tmp_path, source: str, prepared: str, *extra: str) -> Config:
             f"data.data_dir={tmp_path / 'tfds'}",
             "data.seq_len=16",
             "data.batch_size=8",
-            "model.vocab_size=300",
-            "model.d_model=32",
-            "model.num_layers=2",
-            "model.num_heads=4",
-            "model.d_ff=64",
-            "model.max_seq_len=16",
+            *TINY_RUN_MODEL,
             f"train.run_dir={tmp_path / 'run'}",
             "train.steps=3",
             "train.eval_every=3",

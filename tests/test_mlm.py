@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import random_batch, tiny_model, write_tiny_corpus
+from conftest import TINY_RUN_MODEL, random_batch, tiny_model, write_tiny_corpus
 from flax import nnx
 
 from lm.config import ConfigError, check_pretraining, load_config
@@ -123,12 +123,7 @@ def mlm_run(tmp_path_factory):
             "data.batch_size=8",
             "data.validation_fraction=0.2",
             "data.mask_whole_words=true",
-            "model.vocab_size=300",
-            "model.d_model=32",
-            "model.num_layers=2",
-            "model.num_heads=4",
-            "model.d_ff=64",
-            "model.max_seq_len=16",
+            *TINY_RUN_MODEL,
             "model.causal=false",
             "train.objective=mlm",
             "optim.lr=1e-2",

@@ -73,12 +73,7 @@ class MixtureBatcher:
         mine = process_rows(self.global_batch, process_index, process_count)
         source, rows = (a[mine] for a in self.indices(step))
         parts = {k: self.tables[k].take(rows[source == k]) for k in np.unique(source)}
-        first = next(iter(parts.values()))
-        batch = {key: np.empty((len(rows), *v.shape[1:]), v.dtype) for key, v in first.items()}
-        for k, part in parts.items():
-            for key, values in part.items():
-                batch[key][source == k] = values
-        return batch
+        return _interleave(parts, source)
 
     def describe(self, seq_len: int, steps: int) -> list[str]:
         """One line per source: its share of each batch and the tokens it feeds the run."""
@@ -112,9 +107,14 @@ class ConcatTable:
             k: self.tables[k].take(np.where(indices >= 0, indices - self.starts[k], -1)[table == k])
             for k in np.unique(table)
         }
-        first = next(iter(parts.values()))
-        batch = {key: np.empty((len(indices), *v.shape[1:]), v.dtype) for key, v in first.items()}
-        for k, part in parts.items():
-            for key, values in part.items():
-                batch[key][table == k] = values
-        return batch
+        return _interleave(parts, table)
+
+
+def _interleave(parts: dict[int, Batch], owner: np.ndarray) -> Batch:
+    """One batch whose rows where `owner == k` are `parts[k]`'s rows, in order."""
+    first = next(iter(parts.values()))
+    batch = {key: np.empty((len(owner), *v.shape[1:]), v.dtype) for key, v in first.items()}
+    for k, part in parts.items():
+        for key, values in part.items():
+            batch[key][owner == k] = values
+    return batch
