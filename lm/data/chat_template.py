@@ -24,14 +24,12 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any, Protocol
 
-from lm.data.hf_tokenizer import HfTokenizer
+from lm.data.hf_tokenizer import CHAT_TEMPLATE, TOKENIZER_CONFIG, HfTokenizer
 from lm.data.tokenizer import TextTokenizer
 
 ROLES = ("system", "user", "assistant")
 Message = dict[str, str]
 Conversation = list[Message]
-TOKENIZER_CONFIG = "tokenizer_config.json"
-TEMPLATE_FILE = "chat_template.jinja"
 # The built-in template's role labels: `"{label}{content}\n"` per message, an assistant's
 # content ending with EOS instead of the newline.
 BUILTIN_LABELS = {"system": "System: ", "user": "User: ", "assistant": "Assistant: "}
@@ -261,8 +259,8 @@ def template_source(tokenizer: TextTokenizer) -> str | None:
     if not isinstance(tokenizer, HfTokenizer):
         return None
     folder = tokenizer.path.parent
-    if (folder / TEMPLATE_FILE).is_file():
-        return (folder / TEMPLATE_FILE).read_text()
+    if (folder / CHAT_TEMPLATE).is_file():
+        return (folder / CHAT_TEMPLATE).read_text()
     if not (folder / TOKENIZER_CONFIG).is_file():
         return None
     source = json.loads((folder / TOKENIZER_CONFIG).read_text()).get("chat_template")

@@ -213,7 +213,7 @@ class IndexedRows:
             # A document's first token follows another document's last: no loss there.
             scored = targets - (self.stream.nonempty_documents - 1)
             return RowStats(
-                self.stream.documents, rows, 1 - targets / (rows * L), scored / (rows * L)
+                self.stream.documents, rows, (rows * L - targets) / (rows * L), scored / (rows * L)
             )
         lengths = self._lengths[self._lengths >= 2]
         if self.packing == "truncate":
@@ -222,7 +222,7 @@ class IndexedRows:
             return RowStats(
                 self.stream.documents,
                 rows,
-                1 - real.sum() / (rows * L),
+                (rows * L - real.sum()) / (rows * L),
                 real.sum() / (rows * L),
                 int((excess > 0).sum()),
                 int(excess.sum()),
@@ -268,26 +268,8 @@ def rows_for(
 ) -> tuple[PackedRows, RowStats]:
     """Rows of `docs` the way `packing` says (stride 0 = seq_len) padded with `pad`, and what
     that cost."""
-    truncated = dropped = 0
-    if packing == "pack":
-        rows = pack_documents(docs, seq_len, pad)
-    elif packing == "truncate":
-        rows = truncate_documents(docs, seq_len, pad)
-        excess = np.array([len(d) - seq_len - 1 for d in docs], np.int64)
-        truncated, dropped = int((excess > 0).sum()), int(excess.clip(0).sum())
-    elif packing == "window":
-        rows = window_documents(docs, seq_len, stride or seq_len, pad)
-    else:
-        raise ValueError(f"packing must be 'pack', 'truncate' or 'window', got '{packing}'.")
-    stats = RowStats(
-        documents=len(docs),
-        rows=len(rows),
-        padding_fraction=rows.padding_fraction,
-        scored_fraction=rows.scored_fraction,
-        truncated_documents=truncated,
-        dropped_tokens=dropped,
-    )
-    return rows, stats
+    rows = IndexedRows(MemoryStream(docs), seq_len, packing, stride, pad)
+    return rows.all(), rows.stats()
 
 
 def _target_weights(doc_ids: np.ndarray, scored: np.ndarray | None) -> np.ndarray:

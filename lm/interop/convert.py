@@ -23,7 +23,12 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from lm.config import Config, ConfigError, DataConfig, MeshConfig, ModelConfig, from_dict
-from lm.data.hf_tokenizer import wordpiece_tokenizer_json
+from lm.data.hf_tokenizer import (
+    CHAT_TEMPLATE,
+    SPECIAL_TOKENS_MAP,
+    TOKENIZER_CONFIG,
+    wordpiece_tokenizer_json,
+)
 from lm.interop import bert, gpt2, hf_files, llama
 from lm.interop.mapping import Tensors, hf_tensors, load_params
 from lm.interop.safetensors_io import SINGLE_FILE, SafetensorsReader, write_safetensors
@@ -178,14 +183,14 @@ def copy_tokenizer(src: Path, dst: Path) -> None:
     with its special_tokens_map.json, tokenizer_config.json and chat_template.jinja, else a
     tokenizer.json built from a WordPiece vocab.txt."""
 
-    beside = (hf_files.SPECIAL_TOKENS_MAP, hf_files.TOKENIZER_CONFIG, hf_files.CHAT_TEMPLATE)
+    beside = (SPECIAL_TOKENS_MAP, TOKENIZER_CONFIG, CHAT_TEMPLATE)
     for name in ("tokenizer.model", "tokenizer.json", *beside):
         if (src / name).is_file():
             shutil.copyfile(src / name, dst / name)
             if name == "tokenizer.model":
                 return
     if not (dst / "tokenizer.json").is_file() and (src / "vocab.txt").is_file():
-        config = src / "tokenizer_config.json"
+        config = src / TOKENIZER_CONFIG
         settings = json.loads(config.read_text()) if config.is_file() else {}
         lowercase = settings.get("do_lower_case", True)
         wordpiece_tokenizer_json(src / "vocab.txt", dst / "tokenizer.json", lowercase)

@@ -17,14 +17,12 @@ from pathlib import Path
 import yaml
 from etils import epath
 
+from lm.data.hf_tokenizer import TOKENIZER_CONFIG
 from lm.data.tokenizer import TextTokenizer
 
 # The config.json a run was imported from (`from_hf` keeps it in the run dir): its dropout
 # values, which training here does not use, go back out with the export.
 SOURCE_CONFIG = "hf_config.json"
-TOKENIZER_CONFIG = "tokenizer_config.json"
-SPECIAL_TOKENS_MAP = "special_tokens_map.json"
-CHAT_TEMPLATE = "chat_template.jinja"
 GENERATION_CONFIG = "generation_config.json"
 _ROLES = ("bos", "eos", "unk", "pad", "mask", "sep", "cls")
 # config.json keys that model.dropout sets (the others are dropout this project does not train).
@@ -84,14 +82,9 @@ def original_dropout(hf: dict, source: dict | None, dropout: float) -> dict:
 
 
 def write_tokenizer(tokenizer: TextTokenizer, dst: Path, max_len: int) -> None:
-    """The tokenizer's files in `dst`, with a `tokenizer_config.json` that `AutoTokenizer`
-    loads."""
+    """The tokenizer's files in `dst` (a tokenizer.json brings its special tokens and chat
+    template), with a `tokenizer_config.json` that `AutoTokenizer` loads."""
     tokenizer.save(dst)
-    if tokenizer.file_name == "tokenizer.json":  # the files beside it: special tokens, template
-        for name in (SPECIAL_TOKENS_MAP, TOKENIZER_CONFIG, CHAT_TEMPLATE):
-            beside = tokenizer.path.parent / name
-            if beside.is_file() and beside != epath.Path(dst / name):
-                beside.copy(epath.Path(dst / name), overwrite=True)
     path = dst / TOKENIZER_CONFIG
     settings = json.loads(path.read_text()) if path.is_file() else {}
     sentencepiece = tokenizer.file_name == "tokenizer.model"
