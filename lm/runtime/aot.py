@@ -279,15 +279,22 @@ def _per_device_bytes(tree) -> int:
     )
 
 
-def compile_train_step(cfg: Config, devices: Sequence[jax.Device] | None = None) -> CompiledStep:
-    """Compile `cfg`'s train step for `devices` (default: this host's) from abstract shapes,
-    its `auto` choices made for their platform."""
+def _planned(cfg: Config, devices: Sequence[jax.Device] | None):
+    """(mesh, cfg with its `auto` choices made for the devices' platform, optimizer, graphdef,
+    abstract train state, its shardings) for `devices` (default: this host's)."""
     mesh = make_mesh(cfg.mesh, devices)
     cfg = for_platform(cfg, mesh.devices.flat[0].platform)
     tx = make_optimizer(cfg.optim, cfg.train.steps)
     # Planned outside `set_mesh`: optax builds placeholder states eagerly, on the default
     # backend, which must not be a deviceless TPU topology's.
     graphdef, abstract, shardings, _ = plan_train_state(lambda r: build_model(cfg, r), tx, mesh, 0)
+    return mesh, cfg, tx, graphdef, abstract, shardings
+
+
+def compile_train_step(cfg: Config, devices: Sequence[jax.Device] | None = None) -> CompiledStep:
+    """Compile `cfg`'s train step for `devices` (default: this host's) from abstract shapes,
+    its `auto` choices made for their platform."""
+    mesh, cfg, tx, graphdef, abstract, shardings = _planned(cfg, devices)
     state = abstract_with_shardings(abstract, shardings)
     rows = (cfg.data.batch_size, cfg.data.seq_len)
     batch = {
@@ -349,10 +356,7 @@ def compile_decode_step(cfg: Config, devices: Sequence[jax.Device] | None = None
     The prefill is compiled first: the cache and logits it returns, in the shardings the
     compiler gave them, are what the decode step receives.
     """
-    mesh = make_mesh(cfg.mesh, devices)
-    cfg = for_platform(cfg, mesh.devices.flat[0].platform)
-    tx = make_optimizer(cfg.optim, cfg.train.steps)
-    graphdef, abstract, shardings, _ = plan_train_state(lambda r: build_model(cfg, r), tx, mesh, 0)
+    mesh, cfg, _, graphdef, abstract, shardings = _planned(cfg, devices)
     generator = Generator(nnx.merge(graphdef, abstract.params), None, mesh=mesh)
     params = abstract_with_shardings(abstract.params, shardings.params)
     rows, slots = cfg.data.batch_size, cfg.model.max_seq_len
