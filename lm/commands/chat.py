@@ -121,10 +121,9 @@ def chat(
         print(text, end="", file=stdout, flush=True)
 
     while True:
-        line = _read_line(stdin, interactive)
-        if line is None or line.strip() == "/exit":  # None: the end of the input (Ctrl-D)
+        text = _read_line(stdin, interactive)
+        if text is None or text.strip() == "/exit":  # None: the end of the input (Ctrl-D)
             break
-        text = line
         if text.strip() == "/reset":
             session.reset()
             write("[conversation cleared]\n")
