@@ -35,9 +35,10 @@ $(TPU): $(DEV)
 demo: $(RUNTIME)
 	$(BIN)/lm pretrain --config configs/shakespeare.yaml
 
-# The default suite (< 15 min on 2 CPU cores); `test-slow` adds the heavier end-to-end checks.
+# The default suite (4 min on 2 CPU cores), one worker per core (at most 4), each taking whole
+# files so module fixtures are built once; `test-slow` adds the heavier end-to-end checks.
 test: $(DEV)
-	$(BIN)/pytest -q -m "not slow"
+	$(BIN)/pytest -q -m "not slow" -n auto --maxprocesses 4 --dist loadfile
 
 test-slow: $(TPU)
 	$(BIN)/pytest -q -m slow

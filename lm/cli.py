@@ -6,9 +6,12 @@ import argparse
 import sys
 
 from lm.config import ConfigError, load_config
+from lm.runtime.host_memory import keep_freed_memory
 from lm.train.preemption import Preempted
 
 _USAGE_ERRORS = (ConfigError, FileNotFoundError, ValueError)
+# Commands that run model steps, whose XLA:CPU temporaries reuse freed host memory.
+_RUNS_STEPS = {"pretrain", "finetune", "bench", "evaluate", "generate", "chat"}
 
 
 # Each handler imports its command when it runs: `lm --help` and argument errors then answer
@@ -344,6 +347,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command in _RUNS_STEPS:
+        keep_freed_memory()
     try:
         _join_distributed(args)
         args.run(args)

@@ -16,11 +16,16 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 FAST_COMPILE_XLA_FLAGS = (
     "--xla_backend_optimization_level=0",
     "--xla_llvm_disable_expensive_passes=true",
+    "--xla_cpu_use_fusion_emitters=false",
 )
 if os.environ.get("LM_TEST_XLA_OPT") != "1" and importlib.util.find_spec("libtpu") is None:
     os.environ["XLA_FLAGS"] = " ".join(
         [os.environ.get("XLA_FLAGS", ""), *FAST_COMPILE_XLA_FLAGS]
     ).strip()
+
+from lm.runtime.host_memory import keep_freed_memory  # noqa: E402
+
+keep_freed_memory()  # before JAX starts its backend, as `lm` commands do
 
 import jax  # noqa: E402
 
@@ -39,6 +44,22 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from lm.config import Config, ModelConfig, load_config  # noqa: E402
+
+# `make test` runs two pytest-xdist workers, each taking whole files in this order: the longest
+# files start first, so neither worker is left alone with one at the end.
+_LONGEST_FIRST = (
+    "test_multiprocess.py",
+    "test_pretrain_cli.py",
+    "test_finetune.py",
+    "test_checkpoint.py",
+    "test_parallel.py",
+    "test_generate.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(_LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
 
 
 def tiny_model(**overrides) -> ModelConfig:

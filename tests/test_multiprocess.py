@@ -119,7 +119,13 @@ def params_at(run_dir: Path, step: int | None) -> list[np.ndarray]:
 
 
 def assert_bitwise_equal(a: list[np.ndarray], b: list[np.ndarray]) -> None:
-    assert len(a) == len(b) and all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
+    assert len(a) == len(b)
+    differ = [
+        f"leaf {i} {x.shape}: {np.sum(x != y)} values differ, max |diff| {np.max(np.abs(x - y))}"
+        for i, (x, y) in enumerate(zip(a, b, strict=True))
+        if not np.array_equal(x, y)
+    ]
+    assert not differ, "; ".join(differ)
 
 
 def test_two_processes_match_one_process_and_checkpoints_move_between_them(workspace, tmp_path):

@@ -5,7 +5,8 @@ A profile changes how XLA computes a step, never what it computes: the attention
 Configs and models keep `auto`, so a run trained on a TPU still runs on a CPU: each attention
 call picks its kernel for its rows' length (`attention_kernel`; splash needs 128-token lanes,
 so single-token decoding falls back), and the loss tiling is picked where a loss is built
-(`for_platform`; `lm plan --topology` passes the slice's platform).
+(`for_platform`; `lm plan --topology` passes the slice's platform). The CPU's host allocator
+is set before JAX starts, so it lives apart (`lm.runtime.host_memory`).
 """
 
 from __future__ import annotations
