@@ -47,14 +47,18 @@ def main() -> None:
         ],
     }
     rates: dict[str, list[float]] = {name: [] for name in sides}
+    mfus: list[float] = []
     for _ in range(args.rounds):
         for name, command in sides.items():
-            rates[name].append(last_json(command)["tokens_per_s"])
+            result = last_json(command)
+            rates[name].append(result["tokens_per_s"])
+            mfus += [result["mfu"]] if "mfu" in result else []
     medians = {name: statistics.median(r) for name, r in rates.items()}
     for name, values in rates.items():
         print(f"{name:14s} median {medians[name]:8.0f} tokens/s  runs {[round(v) for v in values]}")
     lm, torch = medians["lm (JAX/NNX)"], medians["torch eager"]
     print(f"ratio lm / torch = {lm / torch:.2f}")
+    print(f"lm MFU median {statistics.median(mfus):.3f}  runs {[round(m, 3) for m in mfus]}")
 
 
 if __name__ == "__main__":
