@@ -52,7 +52,8 @@ def main() -> None:
         for name, command in sides.items():
             result = last_json(command)
             rates[name].append(result["tokens_per_s"])
-            mfus += [result["mfu"]] if "mfu" in result else []
+            if "mfu" in result:  # lm's side reports it
+                mfus.append(result["mfu"])
     medians = {name: statistics.median(r) for name, r in rates.items()}
     for name, values in rates.items():
         print(f"{name:14s} median {medians[name]:8.0f} tokens/s  runs {[round(v) for v in values]}")

@@ -25,7 +25,9 @@ if os.environ.get("LM_TEST_XLA_OPT") != "1" and importlib.util.find_spec("libtpu
 
 from lm.runtime.host_memory import keep_freed_memory  # noqa: E402
 
-keep_freed_memory()  # before JAX starts its backend, as `lm` commands do
+# As `lm` commands do, before JAX starts its backend. pytest's processes already run a thread or
+# two, which may have fixed glibc's arena limit, so here it removes only part of the page faults.
+keep_freed_memory()
 
 import jax  # noqa: E402
 
@@ -45,8 +47,8 @@ import pytest  # noqa: E402
 
 from lm.config import Config, ModelConfig, load_config  # noqa: E402
 
-# `make test` runs two pytest-xdist workers, each taking whole files in this order: the longest
-# files start first, so neither worker is left alone with one at the end.
+# `make test` runs a pytest-xdist worker per core, each taking whole files in this order: the
+# longest files start first, so no worker is left alone with one at the end.
 _LONGEST_FIRST = (
     "test_multiprocess.py",
     "test_pretrain_cli.py",

@@ -4,9 +4,10 @@ XLA:CPU takes each execution's temporaries from malloc (600 MB for the benchmark
 and glibc serves every block over 32 MB with fresh pages that the kernel faults in and zeroes on
 first touch: ~150,000 page faults per step on the benchmark, a fifth of its CPU time
 (benchmarks/README.md). One arena that never maps or trims keeps those pages between steps.
-This must happen before JAX starts its backend, whose threads take arenas on their first malloc,
-so whether JAX will run on the CPU is judged from the environment and the installed plugins,
-not from `jax.default_backend()`.
+This must happen before any other thread allocates (JAX's backend starts threads): glibc fixes
+the arena limit when the first thread beyond the main one needs an arena. So whether JAX will
+run on the CPU is judged from the environment and the installed plugins, not from
+`jax.default_backend()`.
 """
 
 from __future__ import annotations
