@@ -60,6 +60,29 @@ def test_cross_entropy_matches_numpy_and_ignores_zero_weights():
     np.testing.assert_allclose(np.asarray(z), 1e-4 * np.log(np.exp(logits).sum(-1)) ** 2, rtol=1e-5)
 
 
+def test_cross_entropy_gradient_equals_autodiff_of_log_softmax_with_z_loss():
+    # The hand-written backward (softmax minus one-hot, z-loss through logsumexp) against JAX's
+    # own derivative of the textbook formula, with unequal weights per token.
+    rng = np.random.default_rng(1)
+    logits = jnp.asarray(rng.normal(size=(2, 5, 11)), jnp.float32)
+    targets = jnp.asarray(rng.integers(0, 11, (2, 5)), jnp.int32)
+    weights = jnp.asarray(rng.random((2, 5)), jnp.float32)
+
+    def ours(x):
+        nll, z = token_losses(x, targets, z_loss=1e-2)
+        return jnp.sum((nll + z) * weights)
+
+    def textbook(x):
+        log_probs = jax.nn.log_softmax(x, axis=-1)
+        nll = -jnp.take_along_axis(log_probs, targets[..., None], -1)[..., 0]
+        return jnp.sum((nll + 1e-2 * jax.nn.logsumexp(x, axis=-1) ** 2) * weights)
+
+    np.testing.assert_allclose(ours(logits), textbook(logits), rtol=1e-6)
+    expected = jax.grad(textbook)(logits)
+    np.testing.assert_allclose(jax.grad(ours)(logits), expected, atol=1e-6)
+    np.testing.assert_allclose(jax.jit(jax.grad(ours))(logits), expected, atol=1e-6)
+
+
 def test_weight_decay_skips_norms_biases_and_embeddings():
     from flax import nnx
 

@@ -23,16 +23,41 @@ def row_sum(x: jax.Array) -> jax.Array:
     return jnp.sum(x, axis=tuple(range(1, x.ndim)))
 
 
-def token_losses(logits_BxLxV: jax.Array, targets_BxL: jax.Array, z_loss: float = 0.0):
-    """(per-token cross-entropy, per-token z-loss term), both [B, L] float32.
+@jax.custom_vjp
+def nll_and_lse(logits_BxLxV: jax.Array, targets_BxL: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(−log softmax(logits)[target], logsumexp(logits)), both [B, L], from float32 logits.
 
-    The target logit is picked with a one-hot product rather than a gather: XLA fuses it into
-    the reduction, and its gradient is elementwise instead of a scatter (~20% faster on CPU).
+    The forward gathers the target logit (no [B, L, V] one-hot product to write and sum); the
+    backward is one elementwise pass, softmax minus the one-hot target, so the gather's
+    gradient is never a scatter and no exp(logits) is kept between the passes.
     """
-    logits_BxLxV = logits_BxLxV.astype(jnp.float32)
     lse_BxL = jax.nn.logsumexp(logits_BxLxV, axis=-1)
+    target_BxL = jnp.take_along_axis(logits_BxLxV, targets_BxL[..., None], axis=-1)[..., 0]
+    return lse_BxL - target_BxL, lse_BxL
+
+
+def _nll_and_lse_fwd(logits_BxLxV: jax.Array, targets_BxL: jax.Array):
+    nll_BxL, lse_BxL = nll_and_lse(logits_BxLxV, targets_BxL)
+    return (nll_BxL, lse_BxL), (logits_BxLxV, targets_BxL, lse_BxL)
+
+
+def _nll_and_lse_bwd(residuals, cotangents):
+    logits_BxLxV, targets_BxL, lse_BxL = residuals
+    g_nll_BxL, g_lse_BxL = cotangents
+    probs_BxLxV = jnp.exp(logits_BxLxV - lse_BxL[..., None])
     one_hot_BxLxV = jax.nn.one_hot(targets_BxL, logits_BxLxV.shape[-1], dtype=jnp.float32)
-    nll_BxL = lse_BxL - jnp.sum(logits_BxLxV * one_hot_BxLxV, axis=-1)
+    d_logits_BxLxV = (
+        probs_BxLxV * (g_nll_BxL + g_lse_BxL)[..., None] - one_hot_BxLxV * g_nll_BxL[..., None]
+    )
+    return d_logits_BxLxV, None
+
+
+nll_and_lse.defvjp(_nll_and_lse_fwd, _nll_and_lse_bwd)
+
+
+def token_losses(logits_BxLxV: jax.Array, targets_BxL: jax.Array, z_loss: float = 0.0):
+    """(per-token cross-entropy, per-token z-loss term), both [B, L] float32."""
+    nll_BxL, lse_BxL = nll_and_lse(logits_BxLxV.astype(jnp.float32), targets_BxL)
     z_BxL = z_loss * jnp.square(lse_BxL) if z_loss else 0.0
     return nll_BxL, z_BxL
 
