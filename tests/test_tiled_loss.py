@@ -1,6 +1,7 @@
 """The tiled cross-entropy (`train.loss_chunk`) computes what the untiled one does."""
 
 import jax
+import jax.extend
 import numpy as np
 import pytest
 from conftest import random_batch, tiny_model
@@ -70,6 +71,35 @@ def test_tiled_loss_metrics_and_gradients_equal_untiled(kind):
     assert sorted(tiled_sums) == ["correct_sum", "nll_sum", "weight_sum"]
     assert_trees_close(tiled_sums, sums)
     assert_trees_close(tiled_grads, grads)
+
+
+def head_matmuls(loss_chunk: int, vocab: int = 80) -> int:
+    """dot_generals touching the vocabulary axis in a train step's value-and-gradient."""
+    with nnx.use_eager_sharding(False):
+        model = Transformer(tiny_model(vocab_size=vocab, tie_embeddings=False), rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(model)
+    batch = random_batch(vocab=vocab)
+    objective = TokenCrossEntropy(loss_chunk=loss_chunk)
+
+    def loss_fn(params):
+        return objective.loss(nnx.merge(graphdef, params), batch)[0]
+
+    def count(jaxpr) -> int:
+        n = 0
+        for eqn in jaxpr.eqns:
+            shapes = [v.aval.shape for v in (*eqn.invars, *eqn.outvars) if hasattr(v.aval, "shape")]
+            n += eqn.primitive.name == "dot_general" and any(vocab in s for s in shapes)
+            n += sum(count(sub) for sub in jax.extend.core.jaxprs_in_params(eqn.params))
+        return n
+
+    return count(jax.make_jaxpr(jax.value_and_grad(loss_fn))(params).jaxpr)
+
+
+def test_tiled_loss_computes_each_head_matmul_once():
+    # Logits, their input's gradient and the unembedding's gradient: three matmuls per slice,
+    # as untiled; the logits are never recomputed for the backward pass.
+    assert head_matmuls(loss_chunk=0) == 3
+    assert head_matmuls(loss_chunk=4) == 3
 
 
 def train_one_step(loss_chunk: int):

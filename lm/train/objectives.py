@@ -9,6 +9,7 @@ per-row vectors [B]; the train and eval steps reduce them over the batch in one 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -62,6 +63,41 @@ def token_losses(logits_BxLxV: jax.Array, targets_BxL: jax.Array, z_loss: float 
     return nll_BxL, z_BxL
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def chunked_sums(chunk_sums: Callable, params, h_NxBxCxD: jax.Array, rest_N: tuple):
+    """(Σ loss, per-chunk metric sums) of `chunk_sums(params, h, *rest)` → (loss, sums) over
+    the leading axis of `h_NxBxCxD` and of each array in `rest_N`, one chunk at a time.
+
+    Differentiable in `params` and `h` through the loss only (the metric sums are reported,
+    never trained on): the forward pass takes each chunk's gradient as soon as its loss, so
+    the chunk's activations are freed before the next and the backward pass only scales.
+    """
+    loss_N, sums_N = jax.lax.map(lambda x: chunk_sums(params, *x), (h_NxBxCxD, *rest_N))
+    return jnp.sum(loss_N), sums_N
+
+
+def _chunked_sums_fwd(chunk_sums: Callable, params, h_NxBxCxD: jax.Array, rest_N: tuple):
+    value_and_grad = jax.value_and_grad(chunk_sums, argnums=(0, 1), has_aux=True)
+
+    def step(d_params, x):
+        (loss, sums), (d_params_chunk, d_h) = value_and_grad(params, *x)
+        return jax.tree.map(jnp.add, d_params, d_params_chunk), (loss, sums, d_h)
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    d_params, (loss_N, sums_N, d_h_NxBxCxD) = jax.lax.scan(step, zeros, (h_NxBxCxD, *rest_N))
+    return (jnp.sum(loss_N), sums_N), (d_params, d_h_NxBxCxD)
+
+
+def _chunked_sums_bwd(chunk_sums: Callable, residuals, cotangents):
+    d_params, d_h_NxBxCxD = residuals
+    g_loss = cotangents[0]
+    scale = lambda d: (g_loss * d).astype(d.dtype)  # noqa: E731
+    return jax.tree.map(scale, d_params), scale(d_h_NxBxCxD), None
+
+
+chunked_sums.defvjp(_chunked_sums_fwd, _chunked_sums_bwd)
+
+
 @dataclass(frozen=True)
 class TokenCrossEntropy:
     """Language modelling: weighted cross-entropy of each row's `targets` under the model.
@@ -99,8 +135,9 @@ class TokenCrossEntropy:
         """`loss` with the [B, L, V] logits never materialised, forward or backward.
 
         The hidden states are computed once; the loss then runs over `loss_chunk`-token slices
-        of the sequence, each slice's logits recomputed in the backward pass (`jax.checkpoint`)
-        instead of stored, so only one [B, C, V] slice of logits and its gradient is live.
+        of the sequence, and each slice's gradient is taken right after its loss
+        (`chunked_sums`), so only one [B, C, V] slice of logits and its gradient is ever live
+        and no logits are recomputed.
         """
         h_BxLxD, head = model.hidden_and_head(
             batch["inputs"], batch["segment_ids"], batch["positions"], dropout_key=dropout_key
@@ -110,20 +147,22 @@ class TokenCrossEntropy:
             raise ValueError(f"loss_chunk={chunk} must divide the sequence length {length}.")
 
         def chunks(x_BxL: jax.Array) -> jax.Array:
-            """[B, L, ...] → [L/C, B, C, ...]: the slices `lax.map` iterates over."""
+            """[B, L, ...] → [L/C, B, C, ...]: the slices the loop runs over."""
             x_BxNxC = x_BxL.reshape(x_BxL.shape[0], length // chunk, chunk, *x_BxL.shape[2:])
             return jnp.swapaxes(x_BxNxC, 0, 1)  # rows stay on axis 1, sharded as before
 
-        # Saves only each slice's inputs; the loop boundary of `lax.map` already prevents CSE.
-        chunk_sums = jax.checkpoint(
-            lambda xs: self._chunk_sums(head, *xs, evaluating), prevent_cse=False
-        )
         w_BxL = batch["weights"]
-        loss_N, sums_NxB = jax.lax.map(
-            chunk_sums, (chunks(h_BxLxD), chunks(batch["targets"]), chunks(w_BxL))
+        xs = (chunks(h_BxLxD), chunks(batch["targets"]), chunks(w_BxL))
+        # The head's parameters become explicit arguments, so `chunked_sums` can return their
+        # gradient.
+        sums_of, head_params = jax.closure_convert(
+            lambda h, t, w: self._chunk_sums(head, h, t, w, evaluating), *(x[0] for x in xs)
+        )
+        loss, sums_NxB = chunked_sums(
+            lambda params, *x: sums_of(*x, *params), tuple(head_params), xs[0], xs[1:]
         )
         metrics = {k: jnp.sum(v_NxB, axis=0) for k, v_NxB in sums_NxB.items()}
-        return jnp.sum(loss_N), {**metrics, "weight_sum": row_sum(w_BxL)}
+        return loss, {**metrics, "weight_sum": row_sum(w_BxL)}
 
     def _chunk_sums(
         self,
