@@ -78,9 +78,11 @@ def _code_lines(path: Path) -> list[Snippet]:
 
 def _lm_argv(text: str) -> list[str] | None:
     """The arguments after `lm` when the line runs the `lm` command (directly, from the venv, or
-    through a launcher in launch/); None for any other line."""
+    through a launcher in launch/, after any environment assignments); None for any other
+    line."""
     text = text.strip()
     text = text.removeprefix("$ ")
+    text = re.sub(r"^([A-Z_][A-Z0-9_]*=\S+\s+)+", "", text)  # environment assignments
     if not re.match(r"(lm|\.venv/bin/lm|launch/local\.sh|sbatch)\s", text):
         return None
     words = shlex.split(text, comments=True)

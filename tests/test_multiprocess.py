@@ -128,18 +128,25 @@ def assert_bitwise_equal(a: list[np.ndarray], b: list[np.ndarray]) -> None:
     assert not differ, "; ".join(differ)
 
 
+# fsdp across the two processes, tensor within each. On this mesh every cross-device sum of the
+# step has two terms, and a + b is the same float whichever collective adds it; with more terms
+# gloo's ring and XLA's in-process collectives add in different orders, which moves a last bit
+# now and then (see the hybrid-mesh test below).
+TWO_TERM_MESH = ("mesh.data=1", "mesh.fsdp=2", "mesh.tensor=2")
+
+
 def test_two_processes_match_one_process_and_checkpoints_move_between_them(workspace, tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
-    run(workspace, 1, 8, one, "train.stop_at=5")
-    run(workspace, 2, 4, two, "train.stop_at=5")
-    # Training is bit-identical on mesh (2, 2, 2): same parameters and same logged losses (the
-    # metric sums are gathered and added up locally, never all-reduced, see reduce_sums).
+    run(workspace, 1, 4, one, "train.stop_at=5", *TWO_TERM_MESH)
+    run(workspace, 2, 2, two, "train.stop_at=5", *TWO_TERM_MESH)
+    # Training is bit-identical: same parameters and same logged losses (the metric sums are
+    # gathered and added up locally, never all-reduced, see reduce_sums).
     assert_bitwise_equal(params_at(two, 5), params_at(one, 5))
     assert losses(two) == losses(one) and sorted(losses(one)) == [1, 2, 3, 4, 5]
 
     # Each resumes the other's step-5 checkpoint, and step 6 comes out the same either way.
-    two_then_one = run(workspace, 1, 8, two)
-    one_then_two = run(workspace, 2, 4, one)
+    two_then_one = run(workspace, 1, 4, two, *TWO_TERM_MESH)
+    one_then_two = run(workspace, 2, 2, one, *TWO_TERM_MESH)
     assert "resumed from step 5" in two_then_one and "resumed from step 5" in one_then_two
     assert_bitwise_equal(params_at(two, 6), params_at(one, 6))
     assert losses(one)[6] == losses(two)[6]
@@ -149,14 +156,18 @@ def test_two_processes_match_one_process_and_checkpoints_move_between_them(works
 
 @pytest.mark.slow
 def test_four_processes_on_a_hybrid_mesh_match_one_process(workspace, tmp_path):
-    # Each process is one 'slice' of 2 devices (tensor=2); data and fsdp cross processes (dcn).
-    # The device order differs from one process's mesh, yet training and losses are bit-identical.
+    # Each process is one 'slice' of 2 devices (tensor=2); data and fsdp cross processes (dcn),
+    # in a device order that differs from one process's mesh. The batch is split four ways, so
+    # some gradients are sums of four terms, which gloo's ring adds in another order than one
+    # process does: equal to float32 rounding (bit-identical on most data, not all).
     hybrid = ("mesh.data=1", "mesh.fsdp=1", "mesh.dcn_data=2", "mesh.dcn_fsdp=2")
     one, four = tmp_path / "one", tmp_path / "four"
     run(workspace, 1, 8, one, "train.stop_at=2")
     run(workspace, 4, 2, four, "train.stop_at=2", *hybrid)
-    assert_bitwise_equal(params_at(four, 2), params_at(one, 2))
-    assert losses(four) == losses(one) and sorted(losses(one)) == [1, 2]
+    for a, b in zip(params_at(four, 2), params_at(one, 2), strict=True):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
+    assert sorted(losses(one)) == [1, 2]
+    assert losses(four) == pytest.approx(losses(one), rel=1e-6)
 
 
 @pytest.fixture(scope="module")
@@ -209,9 +220,10 @@ def test_two_process_finetune_matches_one_process_and_writes_each_file_once(
     finetune = dict(command="finetune", config="finetune.yaml")
     run(finetune_workspace, 1, 8, one, **finetune)
     run(finetune_workspace, 2, 4, two, **finetune)
-    # Each process trains on its half of every global batch. Unlike `lm pretrain`, the weights
-    # are NOT bit-identical: they drift by ~1e-7 within 3 steps (cause not yet found), so
-    # losses, weights and metrics are compared to float32 rounding.
+    # Each process trains on its half of every global batch. On mesh (2, 2, 2) some gradients
+    # are sums of four terms, added in another order by gloo than by one process (see
+    # TWO_TERM_MESH): the weights drift by ~1e-7 within 3 steps, so losses, weights and metrics
+    # are compared to float32 rounding.
     assert sorted(losses(two)) == sorted(losses(one)) == [1, 2, 3, 4, 5, 6]
     assert losses(two) == pytest.approx(losses(one), rel=1e-6)
     for a, b in zip(params_at(two, 6), params_at(one, 6), strict=True):
