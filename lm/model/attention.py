@@ -125,7 +125,41 @@ def cudnn_attention(
     )
 
 
-@register_kernel("math", heads_major=True)
+# Query rows per block when the math kernel skips causally masked blocks (see math_packed).
+_CAUSAL_BLOCK = 128
+
+
+def math_packed(
+    q_BxLxHxK: jax.Array,
+    k_BxLxGxK: jax.Array,
+    v_BxLxGxK: jax.Array,
+    segment_ids_BxL: jax.Array,
+    causal: bool,
+) -> jax.Array:
+    """`math_attention` for self-attention that, when causal, skips the key blocks no query of
+    a block may see: queries [iC, (i+1)C) attend only to keys [0, (i+1)C), so a sequence of
+    n blocks computes (n+1)/2n of the scores (3/4 for two blocks). Each block is the same
+    softmax over the same unmasked scores; only the masked ones, exact zeros, are left out."""
+    length = q_BxLxHxK.shape[1]
+    mask_Bx1xLxL = attention_mask(segment_ids_BxL, causal)
+    k_BxGxLxK, v_BxGxLxK = k_BxLxGxK.transpose(0, 2, 1, 3), v_BxLxGxK.transpose(0, 2, 1, 3)
+    if not causal or length % _CAUSAL_BLOCK or length < 2 * _CAUSAL_BLOCK:
+        return math_attention(q_BxLxHxK, k_BxGxLxK, v_BxGxLxK, mask_Bx1xLxL)
+    outs = []
+    for start in range(0, length, _CAUSAL_BLOCK):
+        end = start + _CAUSAL_BLOCK
+        outs.append(
+            math_attention(
+                q_BxLxHxK[:, start:end],
+                k_BxGxLxK[:, :, :end],
+                v_BxGxLxK[:, :, :end],
+                mask_Bx1xLxL[:, :, start:end, :end],
+            )
+        )
+    return jnp.concatenate(outs, axis=1)
+
+
+@register_kernel("math", heads_major=True, packed=math_packed)
 def math_attention(
     q_BxLxHxK: jax.Array, k_BxGxSxK: jax.Array, v_BxGxSxK: jax.Array, mask_Bx1xLxS: jax.Array
 ) -> jax.Array:
