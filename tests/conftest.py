@@ -3,8 +3,14 @@
 import importlib.util
 import os
 import pathlib
+import signal
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Ctrl-C as in a terminal, however the tests were started: a shell's background job starts with
+# SIGINT ignored, which `lm` rightly leaves alone (nohup), and which its children would inherit;
+# a handler instead is reset to the default in every `lm` subprocess the tests start.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 # XLA's SPMD partitioner warns about resharding the embedding gather on meshes that use both
 # fsdp and tensor axes; correct, just slower, and noise in test logs.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

@@ -24,15 +24,6 @@ from lm.train.metrics import MetricsWriter
 from lm.train.preemption import Preempted, StopSignals
 
 
-@pytest.fixture(autouse=True)
-def ctrl_c_as_in_a_terminal():
-    """Python's own Ctrl-C handler, whatever started the tests: a shell's background job starts
-    with SIGINT ignored, which StopSignals rightly leaves alone (nohup semantics)."""
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
-    yield
-    signal.signal(signal.SIGINT, previous)
-
-
 def settings(steps: int, checkpoint_every: int = 100, **overrides) -> LoopSettings:
     base = dict(
         total_steps=steps,
@@ -82,7 +73,6 @@ def test_ignored_signals_stay_ignored():
 def test_second_ctrl_c_exits_at_once_with_status_130():
     script = (
         "import os, signal, time\n"
-        "signal.signal(signal.SIGINT, signal.default_int_handler)\n"  # as in a terminal
         "from lm.train.preemption import StopSignals\n"
         "with StopSignals() as s:\n"
         "    os.kill(os.getpid(), signal.SIGINT)\n"
