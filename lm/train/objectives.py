@@ -91,7 +91,10 @@ def _chunked_sums_fwd(chunk_sums: Callable, params, h_NxBxCxD: jax.Array, rest_N
 def _chunked_sums_bwd(chunk_sums: Callable, residuals, cotangents):
     d_params, d_h_NxBxCxD = residuals
     g_loss = cotangents[0]
-    scale = lambda d: (g_loss * d).astype(d.dtype)  # noqa: E731
+
+    def scale(d: jax.Array) -> jax.Array:
+        return (g_loss * d).astype(d.dtype)
+
     return jax.tree.map(scale, d_params), scale(d_h_NxBxCxD), None
 
 
