@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lm.config import Config, ModelConfig
-from lm.model.linear import dense
+from lm.model.linear import dense, dense_transposed
 from lm.model.params import param
 from lm.model.transformer import Norm, Transformer, dropout
 from lm.runtime.mesh import constrain
@@ -49,7 +49,7 @@ class MlmHead(nnx.Module):
         x_BxLxD = dense(h_BxLxD, self.w_transform[...], dt) + self.b_transform[...].astype(dt)
         x_BxLxD = self.norm(jax.nn.gelu(x_BxLxD, approximate=False))
         x_BxLxD = constrain(x_BxLxD, ("act_batch", "act_length", "act_embed"))
-        logits_BxLxV = dense(x_BxLxD, w_VxD.T, dt, out_dtype=jnp.float32)
+        logits_BxLxV = dense_transposed(x_BxLxD, w_VxD, dt, out_dtype=jnp.float32)
         logits_BxLxV = logits_BxLxV + self.b_output[...].astype(jnp.float32)
         return constrain(logits_BxLxV, ("act_batch", "act_length", "act_vocab"))
 

@@ -15,7 +15,7 @@ from flax import nnx
 from lm.config import ModelConfig
 from lm.model.attention import Attention
 from lm.model.kv_cache import KVCache, LayerCache
-from lm.model.linear import dense
+from lm.model.linear import dense, dense_transposed
 from lm.model.params import param
 from lm.runtime.mesh import constrain
 
@@ -313,8 +313,7 @@ class Transformer(nnx.Module):
         """Vocabulary logits in float32 from hidden states."""
         dt = jnp.dtype(self.cfg.dtype)
         w_VxD = self.embed[...] if self.cfg.tie_embeddings else self.unembed[...]
-        w_DxV = w_VxD.T
-        logits_BxLxV = dense(h_BxLxD, w_DxV, dt, out_dtype=jnp.float32)
+        logits_BxLxV = dense_transposed(h_BxLxD, w_VxD, dt, out_dtype=jnp.float32)
         return constrain(logits_BxLxV, ("act_batch", "act_length", "act_vocab"))
 
     def hidden_and_head(
