@@ -90,7 +90,7 @@ def head_matmuls(loss_chunk: int, vocab: int = 80) -> int:
             shapes = [v.aval.shape for v in (*eqn.invars, *eqn.outvars) if hasattr(v.aval, "shape")]
             n += eqn.primitive.name == "dot_general" and any(vocab in s for s in shapes)
             subs = [count(sub) for sub in jax.extend.core.jaxprs_in_params(eqn.params)]
-            # A platform-dependent cond runs one branch: the CPU's, the most it has.
+            # A cond runs one branch (here the one its platform lowers): count the largest.
             n += (max(subs) if eqn.primitive.name == "cond" else sum(subs)) if subs else 0
         return n
 
