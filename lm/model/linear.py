@@ -64,9 +64,8 @@ _matmul_wt.defvjp(_matmul_wt_fwd, _matmul_wt_bwd)
 
 def _grads_as_traced(out_dtype, x_NxI, w_OxI, g_NxO):
     """The gradients JAX's own derivative of x·wᵀ gives."""
-    return _input_grad(out_dtype, x_NxI, w_OxI, g_NxO), _transpose(
-        lambda w: _xwt(x_NxI, w, out_dtype), w_OxI, g_NxO
-    )
+    dw_OxI = _transpose(lambda w: _xwt(x_NxI, w, out_dtype), w_OxI, g_NxO)
+    return _input_grad(out_dtype, x_NxI, w_OxI, g_NxO), dw_OxI
 
 
 def _grads_from_xt(out_dtype, x_NxI, w_OxI, g_NxO):
