@@ -124,24 +124,29 @@ def _plot(args: argparse.Namespace) -> None:
 
 def _plan(args: argparse.Namespace) -> None:
     from lm.commands.plan import (
+        format_compiled_plan,
         format_decode_plan,
         format_plan,
-        format_slice_plan,
+        plan_compiled,
         plan_decode,
         plan_memory,
-        plan_slice,
+        plan_target,
     )
 
     name = args.config or "defaults"
-    if args.decode and not args.topology:
-        raise ConfigError("--decode compiles for a TPU slice; add --topology, e.g. v5e-8.")
-    if args.decode:
+    if args.topology and args.gpu:
+        raise ConfigError("--topology and --gpu each name the devices to compile for; give one.")
+    if args.decode and not (args.topology or args.gpu):
+        raise ConfigError(
+            "--decode compiles for a TPU slice or GPUs; add --topology, e.g. v5e-8, or --gpu h100."
+        )
+    if args.topology or args.gpu:
         cfg = load_config(args.config, args.overrides)
-        print(format_decode_plan(name, args.topology, plan_decode(cfg, args.topology)))
-        return
-    if args.topology:
-        cfg = load_config(args.config, args.overrides)
-        print(format_slice_plan(name, plan_slice(cfg, args.topology)))
+        target = plan_target(args.topology, args.gpu)
+        if args.decode:
+            print(format_decode_plan(name, plan_decode(cfg, target)))
+        else:
+            print(format_compiled_plan(name, plan_compiled(cfg, target)))
         return
     if args.devices is None:
         import jax
@@ -337,10 +342,16 @@ def _parser() -> argparse.ArgumentParser:
         "v5e-256, v5p-128 (TensorCores), v6e-64 or a topology such as v5p:4x4x4",
     )
     plan.add_argument(
+        "--gpu",
+        metavar="CARD[:N]",
+        help="compile the real train step for N NVIDIA GPUs of one host (default 1) on this "
+        "host, no GPU needed (needs lm[cuda]): h100, h200, a100-80gb, a100-40gb, l4, rtx4090",
+    )
+    plan.add_argument(
         "--decode",
         action="store_true",
-        help="with --topology, compile the decode step lm generate runs instead of the train "
-        "step (data.batch_size rows, a model.max_seq_len-slot KV cache)",
+        help="with --topology or --gpu, compile the decode step lm generate runs instead of the "
+        "train step (data.batch_size rows, a model.max_seq_len-slot KV cache)",
     )
     return parser
 

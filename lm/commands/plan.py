@@ -20,11 +20,14 @@ step on CPU the full-remat figure matched within 2% (shakespeare.yaml, bench_cpu
 the no-remat figure was 35-40% low: XLA keeps more attention and MLP intermediates than
 counted here, so treat it as a lower bound and leave headroom.
 
-`--topology` (`plan_slice`) instead compiles the real train step for a TPU slice with libtpu's
-compiler on this host (`lm.runtime.aot`): XLA's own bytes per chip, the collectives it emits,
-and a roofline estimate of step time and MFU from the chip's datasheet figures. With `--decode`
-(`plan_decode`) it compiles the decode step `lm generate` runs instead, with a roofline
-estimate of tokens/s (each step reads every weight and the whole cache: HBM bandwidth bounds it).
+`--topology` (a TPU slice, with libtpu) and `--gpu` (NVIDIA GPUs of one host, with JAX's CUDA
+plugin) instead compile the real train step on this host (`plan_compiled`, `lm.runtime.aot`):
+the step `lm pretrain` or `lm finetune` runs for the config (a task's objective and trainable
+parameters included), XLA's own bytes per device, the kernels and collectives it chose, and a
+roofline estimate of step time and MFU from XLA's cost analysis and the datasheet. With
+`--decode` (`plan_decode`) they compile the decode step `lm generate` runs instead, with a
+roofline estimate of tokens/s (each step reads every weight and the whole cache: memory
+bandwidth bounds it).
 """
 
 from __future__ import annotations
@@ -44,14 +47,15 @@ from lm.runtime.aot import (
     Chip,
     CompiledDecode,
     CompiledStep,
+    Target,
     collective_bytes,
     collectives,
     compile_decode_step,
     compile_train_step,
-    slice_devices,
-    topology_name,
+    slice_target,
 )
 from lm.runtime.flops import decode_flops_per_token, train_flops_per_token
+from lm.runtime.gpus import gpu_target
 from lm.runtime.mesh import MESH_AXES, logical_to_spec
 from lm.runtime.platforms import for_platform
 from lm.train.freeze import trainable_groups, trainable_mask
@@ -183,20 +187,18 @@ def format_plan(name: str, plan: MemoryPlan) -> str:
 
 
 @dataclasses.dataclass(frozen=True)
-class SlicePlan:
-    """The train step compiled for a TPU slice, with a roofline estimate of its speed."""
+class CompiledPlan:
+    """The train step compiled for a TPU slice or GPUs, with a roofline estimate of its speed."""
 
-    name: str
-    chips: int
-    chip: Chip
+    target: Target
     step: CompiledStep
-    collective_bytes: int  # sent per chip per step
-    flops_per_chip: float  # model FLOPs per chip per step
-    analytic_bytes: int  # `plan_memory`'s total for the same config and chips
+    collective_bytes: int  # sent per device per step
+    model_flops: float  # the model's FLOPs per device per step (`lm.runtime.flops`)
+    analytic_bytes: int  # `plan_memory`'s total for the same config and devices
 
     @property
     def fits(self) -> bool:
-        return self.step.peak <= self.chip.hbm_bytes
+        return self.step.peak <= self.target.chip.memory_bytes
 
     @property
     def fsdp_ideal_bytes(self) -> int:
@@ -204,42 +206,67 @@ class SlicePlan:
         return 3 * self.step.param_bytes_compute
 
     @property
+    def flops(self) -> float:
+        """XLA's count of the compiled step's FLOPs (recomputation included) where its backend
+        gives one; else (a deviceless GPU gives none) the model's formula, which counts no
+        recomputation and so is optimistic under remat."""
+        return self.step.flops or self.model_flops
+
+    @property
     def compute_s(self) -> float:
-        return self.flops_per_chip / self.chip.peak_bf16_flops
+        return self.flops / self.target.chip.peak_bf16_flops
+
+    @property
+    def memory_s(self) -> float:
+        return self.step.bytes_accessed / self.target.chip.memory_bytes_per_s
 
     @property
     def collective_s(self) -> float:
-        return self.collective_bytes / self.chip.ici_bytes_per_s
+        return self.collective_bytes / self.target.chip.link_bytes_per_s
 
     @property
     def step_s(self) -> float:
-        """Roofline: compute and collectives fully overlapped; HBM bandwidth ignored."""
-        return max(self.compute_s, self.collective_s)
+        """Roofline: compute, memory traffic and collectives fully overlapped."""
+        return max(self.compute_s, self.memory_s, self.collective_s)
 
     @property
     def mfu(self) -> float:
-        return self.compute_s / self.step_s
+        return self.model_flops / self.target.chip.peak_bf16_flops / self.step_s
 
 
-def plan_slice(cfg: Config, name: str) -> SlicePlan:
-    """Compile `cfg`'s train step for TPU slice `name` (libtpu needed, no TPU)."""
-    devices, chip = slice_devices(name)
-    step = compile_train_step(cfg, devices)
+def plan_compiled(cfg: Config, target: Target) -> CompiledPlan:
+    """Compile `cfg`'s train step for `target`'s devices (no such device needed)."""
+    devices = len(target.devices)
+    step = compile_train_step(cfg, target.devices)
     tokens = cfg.data.batch_size * cfg.data.seq_len
-    return SlicePlan(
-        name=name,
-        chips=len(devices),
-        chip=chip,
+    platform = target.devices[0].platform
+    return CompiledPlan(
+        target=target,
         step=step,
         collective_bytes=collective_bytes(collectives(step.hlo)),
-        flops_per_chip=train_flops_per_token(cfg.model, cfg.data.seq_len) * tokens / len(devices),
-        analytic_bytes=plan_memory(cfg, len(devices), "tpu").total(cfg.model.remat),
+        model_flops=train_flops_per_token(cfg.model, cfg.data.seq_len) * tokens / devices,
+        analytic_bytes=plan_memory(cfg, devices, platform).total(cfg.model.remat),
     )
 
 
-def format_slice_plan(config_name: str, plan: SlicePlan) -> str:
+def plan_target(name: str | None, gpu: str | None) -> Target:
+    """The devices `--topology NAME` or `--gpu NAME[:N]` describes."""
+    return gpu_target(gpu) if gpu else slice_target(name)
+
+
+def _memory_lines(step, chip: Chip, fits: bool) -> list[str]:
+    return [
+        f"  {'peak (args+outputs+temps)':<26}{_gib(step.peak):>14}  of "
+        f"{_gib(chip.memory_bytes)} {chip.memory} per {chip.generation}",
+        f"  {'fits' if fits else 'does NOT fit'}: {step.peak / chip.memory_bytes:.1%} of "
+        f"{chip.memory} ({1 - step.peak / chip.memory_bytes:.1%} headroom)",
+    ]
+
+
+def format_compiled_plan(config_name: str, plan: CompiledPlan) -> str:
     """A human-readable report of `plan`, ending with one JSON line."""
-    step, chip = plan.step, plan.chip
+    step, target, chip = plan.step, plan.target, plan.target.chip
+    devices = len(target.devices)
     mesh = " ".join(f"{k}={v}" for k, v in step.mesh.items())
     found = collectives(step.hlo)
     by_kind = ", ".join(
@@ -247,40 +274,59 @@ def format_slice_plan(config_name: str, plan: SlicePlan) -> str:
         for kind in sorted({c.kind for c in found})
         for ops in [[c for c in found if c.kind == kind]]
     )
+    calls = step.custom_calls
     lines = [
-        f"{config_name} on {plan.name} ({topology_name(plan.name)[0]}, {plan.chips} chips, "
-        f"{mesh}); compiled by XLA for TPU in {step.compile_s:.1f} s",
+        f"{config_name} on {target.name} ({target.description}, {devices} devices, {mesh}); "
+        f"compiled by XLA for {target.compiler} in {step.compile_s:.1f} s",
         f"  {'parameters':<26}{_gib(step.params):>14}",
         f"  {'optimizer state':<26}{_gib(step.optimizer):>14}",
         f"  {'temporaries':<26}{_gib(step.temporaries):>14}",
-        f"  {'peak (args+outputs+temps)':<26}{_gib(step.peak):>14}  of "
-        f"{_gib(chip.hbm_bytes)} HBM per {chip.generation} chip",
-        f"  {'fits' if plan.fits else 'does NOT fit'}: {step.peak / chip.hbm_bytes:.1%} of HBM",
-        f"  analytic plan (lm plan without --topology): {_gib(plan.analytic_bytes).strip()}, "
-        f"{plan.analytic_bytes / step.peak - 1:+.0%} against XLA's peak",
+        *_memory_lines(step, chip, plan.fits),
+        f"  analytic plan (lm plan without --topology/--gpu): "
+        f"{_gib(plan.analytic_bytes).strip()}, {plan.analytic_bytes / step.peak - 1:+.0%} "
+        "against XLA's peak",
+        "  attention and library kernels (custom calls): "
+        + (", ".join(f"{k} x{n}" for k, n in calls.items()) or "none"),
         f"  collectives per step (loops counted): {by_kind or 'none'}",
-        f"  collective bytes sent per chip per step (ring; an all-reduce counts twice): "
-        f"{plan.collective_bytes:,d}; FSDP ideal 3 x {step.param_bytes_compute:,d} = "
-        f"{plan.fsdp_ideal_bytes:,d} ({plan.collective_bytes / plan.fsdp_ideal_bytes:.2f}x)",
-        f"  estimate (roofline, not a measurement): {plan.flops_per_chip:.3g} FLOPs per chip "
-        f"/ {chip.peak_bf16_flops / 1e12:.0f} TFLOP/s bf16 = {plan.compute_s * 1e3:.3g} ms, "
-        f"collectives / {chip.ici_bytes_per_s / 1e9:.0f} GB/s ICI = "
-        f"{plan.collective_s * 1e3:.3g} ms; overlapped: {plan.step_s * 1e3:.3g} ms per step, "
-        f"MFU {plan.mfu:.0%}",
     ]
+    if devices > 1:
+        lines.append(
+            f"  collective bytes sent per device per step (ring; an all-reduce counts twice): "
+            f"{plan.collective_bytes:,d}; FSDP ideal 3 x {step.param_bytes_compute:,d} = "
+            f"{plan.fsdp_ideal_bytes:,d} ({plan.collective_bytes / plan.fsdp_ideal_bytes:.2f}x)"
+        )
+    source = "XLA's cost analysis" if step.flops else "the model's FLOP formula"
+    traffic = (
+        f"{step.bytes_accessed:.3g} bytes / {chip.memory_bytes_per_s / 1e9:,.0f} GB/s "
+        f"{chip.memory} = {plan.memory_s * 1e3:.3g} ms, "
+        if step.bytes_accessed
+        else f"{chip.memory} traffic not counted (no cost analysis from XLA), "
+    )
+    lines.append(
+        f"  estimate (roofline from {source} and the datasheet, not a measurement): "
+        f"{plan.flops:.3g} FLOPs / {chip.peak_bf16_flops / 1e12:.0f} TFLOP/s bf16 = "
+        f"{plan.compute_s * 1e3:.3g} ms, {traffic}collectives / "
+        f"{chip.link_bytes_per_s / 1e9:.0f} GB/s {chip.link} = {plan.collective_s * 1e3:.3g} ms; "
+        f"overlapped: {plan.step_s * 1e3:.3g} ms per step, MFU {plan.mfu:.0%}"
+    )
     summary = {
-        "topology": topology_name(plan.name)[0],
-        "chips": plan.chips,
+        "target": target.name,
+        "topology": target.description,
+        "chips": devices,
         "mesh": step.mesh,
         "fits": plan.fits,
-        "hbm_per_chip_bytes": chip.hbm_bytes,
+        "hbm_per_chip_bytes": chip.memory_bytes,
         "compiled_peak_bytes_per_chip": step.peak,
         "params_bytes_per_chip": step.params,
         "optimizer_bytes_per_chip": step.optimizer,
         "temp_bytes_per_chip": step.temporaries,
         "analytic_peak_bytes_per_chip": plan.analytic_bytes,
+        "custom_calls": calls,
         "collective_bytes_per_step": plan.collective_bytes,
         "fsdp_ideal_collective_bytes_per_step": plan.fsdp_ideal_bytes,
+        "compiled_flops_per_chip": step.flops,
+        "compiled_bytes_accessed_per_chip": step.bytes_accessed,
+        "model_flops_per_chip": plan.model_flops,
         "compile_s": round(step.compile_s, 2),
         "estimated_step_s": plan.step_s,
         "estimated_mfu": round(plan.mfu, 4),
@@ -290,76 +336,74 @@ def format_slice_plan(config_name: str, plan: SlicePlan) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class DecodePlan:
-    """The decode step compiled for a TPU slice, with a roofline estimate of its speed."""
+    """The decode step compiled for a TPU slice or GPUs, with a roofline estimate of its speed."""
 
-    chip: Chip
-    chips: int
+    target: Target
     step: CompiledDecode
-    collective_bytes: int  # sent per chip per decoded token
-    flops_per_chip: float  # model FLOPs per chip per step (all rows, a full cache)
+    collective_bytes: int  # sent per device per decoded token
+    flops_per_chip: float  # model FLOPs per device per step (all rows, a full cache)
 
     @property
     def fits(self) -> bool:
-        return self.step.peak <= self.chip.hbm_bytes
+        return self.step.peak <= self.target.chip.memory_bytes
 
     @property
     def read_s(self) -> float:
-        """Reading every weight and the whole cache once, from HBM."""
-        return (self.step.params + self.step.cache) / self.chip.hbm_bytes_per_s
+        """Reading every weight and the whole cache once, from device memory."""
+        return (self.step.params + self.step.cache) / self.target.chip.memory_bytes_per_s
 
     @property
     def step_s(self) -> float:
-        """Roofline: the slowest of compute, HBM reads and collectives, fully overlapped."""
-        compute_s = self.flops_per_chip / self.chip.peak_bf16_flops
-        return max(compute_s, self.read_s, self.collective_bytes / self.chip.ici_bytes_per_s)
+        """Roofline: the slowest of compute, memory reads and collectives, fully overlapped."""
+        chip = self.target.chip
+        compute_s = self.flops_per_chip / chip.peak_bf16_flops
+        return max(compute_s, self.read_s, self.collective_bytes / chip.link_bytes_per_s)
 
     @property
     def tokens_per_s(self) -> float:
         return self.step.rows / self.step_s
 
 
-def plan_decode(cfg: Config, name: str) -> DecodePlan:
-    """Compile `cfg`'s decode step for TPU slice `name` (libtpu needed, no TPU)."""
-    devices, chip = slice_devices(name)
-    step = compile_decode_step(cfg, devices)
+def plan_decode(cfg: Config, target: Target) -> DecodePlan:
+    """Compile `cfg`'s decode step for `target`'s devices (no such device needed)."""
+    step = compile_decode_step(cfg, target.devices)
     flops = decode_flops_per_token(cfg.model, step.slots) * step.rows
     return DecodePlan(
-        chip=chip,
-        chips=len(devices),
+        target=target,
         step=step,
         collective_bytes=collective_bytes(collectives(step.hlo)),
-        flops_per_chip=flops / len(devices),
+        flops_per_chip=flops / len(target.devices),
     )
 
 
-def format_decode_plan(config_name: str, name: str, plan: DecodePlan) -> str:
-    """A human-readable report of `plan` for slice `name`, ending with one JSON line."""
-    step, chip = plan.step, plan.chip
+def format_decode_plan(config_name: str, plan: DecodePlan) -> str:
+    """A human-readable report of `plan`, ending with one JSON line."""
+    step, target, chip = plan.step, plan.target, plan.target.chip
     mesh = " ".join(f"{k}={v}" for k, v in step.mesh.items())
     lines = [
-        f"{config_name} decoding on {name} ({topology_name(name)[0]}, {plan.chips} chips, "
-        f"{mesh}): {step.rows} rows, a {step.slots}-slot KV cache, parameters as trained; "
-        f"compiled by XLA for TPU in {step.compile_s:.1f} s",
+        f"{config_name} decoding on {target.name} ({target.description}, "
+        f"{len(target.devices)} devices, {mesh}): {step.rows} rows, a {step.slots}-slot KV "
+        f"cache, parameters as trained; compiled by XLA for {target.compiler} in "
+        f"{step.compile_s:.1f} s",
         f"  {'parameters':<26}{_gib(step.params):>14}",
         f"  {'KV cache':<26}{_gib(step.cache):>14}",
         f"  {'temporaries':<26}{_gib(step.temporaries):>14}",
-        f"  {'peak (args+outputs+temps)':<26}{_gib(step.peak):>14}  of "
-        f"{_gib(chip.hbm_bytes)} HBM per {chip.generation} chip",
-        f"  {'fits' if plan.fits else 'does NOT fit'}: {step.peak / chip.hbm_bytes:.1%} of HBM",
-        f"  collective bytes sent per chip per step: {plan.collective_bytes:,d}",
+        *_memory_lines(step, chip, plan.fits),
+        f"  collective bytes sent per device per step: {plan.collective_bytes:,d}",
         f"  estimate (roofline, not a measurement): reading weights and cache at "
-        f"{chip.hbm_bytes_per_s / 1e9:.0f} GB/s HBM = {plan.read_s * 1e3:.3g} ms; with compute "
-        f"and collectives {plan.step_s * 1e3:.3g} ms per step, {plan.tokens_per_s:,.0f} "
-        "tokens/s for the slice",
+        f"{chip.memory_bytes_per_s / 1e9:,.0f} GB/s {chip.memory} = {plan.read_s * 1e3:.3g} ms; "
+        f"with compute and collectives {plan.step_s * 1e3:.3g} ms per step, "
+        f"{plan.tokens_per_s:,.0f} tokens/s in all",
     ]
     summary = {
-        "topology": topology_name(name)[0],
-        "chips": plan.chips,
+        "target": target.name,
+        "topology": target.description,
+        "chips": len(target.devices),
         "mesh": step.mesh,
         "fits": plan.fits,
         "rows": step.rows,
         "cache_slots": step.slots,
-        "hbm_per_chip_bytes": chip.hbm_bytes,
+        "hbm_per_chip_bytes": chip.memory_bytes,
         "compiled_peak_bytes_per_chip": step.peak,
         "params_bytes_per_chip": step.params,
         "kv_cache_bytes_per_chip": step.cache,

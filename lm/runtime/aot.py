@@ -1,9 +1,10 @@
-"""Ahead-of-time compilation of the real train step for any devices, TPU slices included.
+"""Ahead-of-time compilation of the real train step for any devices, TPU slices and GPUs included.
 
-With libtpu installed (`pip install 'lm[tpu]'`), `slice_devices("v5p-128")` describes a TPU
-slice's devices on any host, CPU included, and `compile_train_step` runs the real TPU compiler
-on the train step for them: XLA's per-chip memory and the optimized HLO's collectives, before
-renting the slice. Nothing is allocated: the state and batch are abstract shapes.
+With libtpu installed (`pip install 'lm[tpu]'`), `slice_target("v5p-128")` describes a TPU
+slice's devices on any host, CPU included (`lm.runtime.gpus.gpu_target` does the same for NVIDIA
+GPUs with the CUDA plugin), and `compile_train_step` runs the real compiler on the train step
+for them: XLA's per-device memory and the optimized HLO's collectives, before renting the
+hardware. Nothing is allocated: the state and batch are abstract shapes.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from lm.inference.sampling import Sampling
 from lm.model.build import build_model
 from lm.runtime.mesh import batch_sharding, make_mesh
 from lm.runtime.platforms import for_platform
+from lm.tasks import task_for
+from lm.train.freeze import finetune_optimizer, gate_frozen
 from lm.train.objectives import TokenCrossEntropy
 from lm.train.optim import make_optimizer
 from lm.train.state import abstract_with_shardings, plan_train_state
@@ -34,13 +37,27 @@ from lm.train.step import make_train_step
 
 @dataclasses.dataclass(frozen=True)
 class Chip:
-    """Datasheet figures of one TPU chip (Cloud TPU system architecture pages)."""
+    """Datasheet figures of one accelerator: a TPU chip (Cloud TPU system architecture pages)
+    or a GPU (`lm.runtime.gpus`)."""
 
-    generation: str
-    hbm_bytes: int
-    peak_bf16_flops: float
-    ici_bytes_per_s: float  # the datasheet's inter-chip interconnect bandwidth, Gbps / 8
-    hbm_bytes_per_s: float  # HBM bandwidth (decoding reads every weight and cache per token)
+    generation: str  # 'v5p', 'NVIDIA H100 80GB HBM3'
+    memory_bytes: int
+    peak_bf16_flops: float  # dense
+    link_bytes_per_s: float  # to the other devices, one direction (TPU ICI: Gbps / 8)
+    memory_bytes_per_s: float  # (decoding reads every weight and cache per token)
+    memory: str = "HBM"
+    link: str = "ICI"
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """Devices to compile for, described on this host, and the datasheet of each."""
+
+    name: str  # as asked for: 'v5p-128', 'h100:8'
+    description: str  # 'v5p:4x4x4', '8 x NVIDIA H100 80GB HBM3 on one host'
+    compiler: str  # whose XLA backend compiles: 'TPU', 'GPU'
+    devices: tuple[jax.Device, ...]
+    chip: Chip
 
 
 CHIPS = {
@@ -104,8 +121,8 @@ def libtpu_available() -> bool:
     return importlib.util.find_spec("libtpu") is not None
 
 
-def slice_devices(name: str) -> tuple[list[jax.Device], Chip]:
-    """(devices of TPU slice `name`, its chip), described on this host without TPUs."""
+def slice_target(name: str) -> Target:
+    """TPU slice `name`, described on this host without TPUs."""
     topology, chip = topology_name(name)
     if not libtpu_available():
         raise ConfigError(
@@ -114,7 +131,8 @@ def slice_devices(name: str) -> tuple[list[jax.Device], Chip]:
     # Imported here: it is only useful with libtpu, and a CPU run never needs it.
     from jax.experimental import topologies
 
-    return list(topologies.get_topology_desc(topology, "tpu").devices), chip
+    devices = tuple(topologies.get_topology_desc(topology, "tpu").devices)
+    return Target(name, topology, "TPU", devices, chip)
 
 
 _KINDS = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
@@ -247,6 +265,14 @@ class CompiledStep:
     temporaries: int
     param_bytes_compute: int  # all parameters in the compute dtype (FSDP's ideal traffic / 3)
     compile_s: float
+    flops: float  # XLA's cost_analysis() of the compiled step, per device
+    bytes_accessed: float  # memory traffic by the same count, per device
+
+    @property
+    def custom_calls(self) -> dict[str, int]:
+        """{custom-call target: count} of the optimized HLO: library kernels such as cuDNN's
+        fused attention (`__cudnn$fmha...`) or cuBLAS GEMMs."""
+        return _custom_calls(self.hlo)
 
     @property
     def peak(self) -> int:
@@ -273,6 +299,13 @@ def _compile(lowered: jax.stages.Lowered, what: str) -> jax.stages.Compiled:
         ) from None
 
 
+def _custom_calls(hlo: str) -> dict[str, int]:
+    found: dict[str, int] = {}
+    for target in re.findall(r'custom_call_target="([^"]+)"', hlo):
+        found[target] = found.get(target, 0) + 1
+    return dict(sorted(found.items()))
+
+
 def _per_device_bytes(tree) -> int:
     return sum(
         math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(tree)
@@ -284,32 +317,49 @@ def _planned(cfg: Config, devices: Sequence[jax.Device] | None):
     abstract train state, its shardings) for `devices` (default: this host's)."""
     mesh = make_mesh(cfg.mesh, devices)
     cfg = for_platform(cfg, mesh.devices.flat[0].platform)
-    tx = make_optimizer(cfg.optim, cfg.train.steps)
+    tx = (
+        finetune_optimizer(cfg) if cfg.finetune.task else make_optimizer(cfg.optim, cfg.train.steps)
+    )
     # Planned outside `set_mesh`: optax builds placeholder states eagerly, on the default
     # backend, which must not be a deviceless TPU topology's.
     graphdef, abstract, shardings, _ = plan_train_state(lambda r: build_model(cfg, r), tx, mesh, 0)
     return mesh, cfg, tx, graphdef, abstract, shardings
 
 
+def _objective_and_rows(cfg: Config):
+    """(the objective `lm pretrain` or `lm finetune` trains `cfg` with, {batch key: (row shape,
+    dtype)}). A task's objective is configured from zero rows: statistics of its train split
+    (class weights, target scales) are constants of the step, not its shape."""
+    if not cfg.finetune.task:
+        length = (cfg.data.seq_len,)
+        rows = dict.fromkeys(("inputs", "targets", "segment_ids", "positions"), (length, np.int32))
+        return TokenCrossEntropy(cfg.train.z_loss, cfg.train.loss_chunk), rows | {
+            "weights": (length, np.float32)
+        }
+    task = task_for(cfg)
+    rows = task.row_shapes(cfg)
+    train = {k: np.zeros((1, *shape), dtype) for k, (shape, dtype) in rows.items()}
+    return gate_frozen(cfg, task.objective(cfg, train)), rows
+
+
 def compile_train_step(cfg: Config, devices: Sequence[jax.Device] | None = None) -> CompiledStep:
-    """Compile `cfg`'s train step for `devices` (default: this host's) from abstract shapes,
-    its `auto` choices made for their platform."""
+    """Compile the train step `lm pretrain` or `lm finetune` runs for `cfg` (its objective, and
+    for a task its trainable parameters) for `devices` (default: this host's) from abstract
+    shapes, its `auto` choices made for their platform."""
     mesh, cfg, tx, graphdef, abstract, shardings = _planned(cfg, devices)
     state = abstract_with_shardings(abstract, shardings)
-    rows = (cfg.data.batch_size, cfg.data.seq_len)
+    objective, rows = _objective_and_rows(cfg)
     batch = {
-        k: jax.ShapeDtypeStruct(
-            rows, np.float32 if k == "weights" else np.int32, sharding=batch_sharding(mesh)
-        )
-        for k in ("inputs", "targets", "weights", "segment_ids", "positions")
+        k: jax.ShapeDtypeStruct((cfg.data.batch_size, *shape), dtype, sharding=batch_sharding(mesh))
+        for k, (shape, dtype) in rows.items()
     }
     start = time.perf_counter()
-    objective = TokenCrossEntropy(cfg.train.z_loss, cfg.train.loss_chunk)
     with jax.set_mesh(mesh):
         step = make_train_step(graphdef, tx, objective, shardings, cfg.optim.grad_accum)
         compiled = _compile(step.lower(state, batch), "train step")
     compile_s = time.perf_counter() - start
     memory = compiled.memory_analysis()
+    cost = compiled.cost_analysis() or {}
     itemsize = np.dtype(cfg.model.dtype).itemsize
     return CompiledStep(
         hlo=compiled.as_text(),
@@ -324,6 +374,8 @@ def compile_train_step(cfg: Config, devices: Sequence[jax.Device] | None = None)
             math.prod(a.shape) * itemsize for a in jax.tree.leaves(abstract.params)
         ),
         compile_s=compile_s,
+        flops=float(cost.get("flops", 0.0)),
+        bytes_accessed=float(cost.get("bytes accessed", 0.0)),
     )
 
 

@@ -69,6 +69,13 @@ class Task:
         """(arrays, TaskStats) of one split: the rows the model and objective read."""
         raise NotImplementedError
 
+    def row_shapes(self, cfg: Config) -> dict[str, tuple[tuple[int, ...], type]]:
+        """(shape, dtype) of one row of each array `encode` returns: what a train step is
+        compiled for when no data is at hand (`lm plan --gpu`, `--topology`)."""
+        return dict.fromkeys(
+            ("inputs", "segment_ids", "positions"), ((cfg.data.seq_len,), np.int32)
+        )
+
     def model(self, cfg: Config, rngs: nnx.Rngs) -> nnx.Module:
         """A fresh model for this task (before any LoRA wrapping)."""
         raise NotImplementedError

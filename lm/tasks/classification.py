@@ -78,6 +78,12 @@ class ClassificationTask(Task):
         )
         return {**arrays, "example_weights": np.ones(len(inputs), np.float32)}, stats
 
+    def row_shapes(self, cfg: Config):
+        return super().row_shapes(cfg) | {
+            "label": ((), np.int32),
+            "example_weights": ((), np.float32),
+        }
+
     def model(self, cfg: Config, rngs):
         return pooled_model(cfg, rngs)
 

@@ -98,6 +98,12 @@ class RegressionTask(Task):
         arrays, stats = encode_regression(tokenizer, inputs, targets, cfg.data.seq_len)
         return {**arrays, "example_weights": np.ones(len(inputs), np.float32)}, stats
 
+    def row_shapes(self, cfg: Config):
+        return super().row_shapes(cfg) | {
+            "target": ((cfg.finetune.num_outputs,), np.float32),
+            "example_weights": ((), np.float32),
+        }
+
     def model(self, cfg: Config, rngs):
         return pooled_model(cfg, rngs)
 

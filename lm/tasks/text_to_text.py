@@ -99,6 +99,13 @@ class TextToTextTask(Task):
             tokenizer, prompts, answers, cfg.data.seq_len, cfg.finetune.template
         )
 
+    def row_shapes(self, cfg: Config):
+        length = (cfg.data.seq_len,)
+        return super().row_shapes(cfg) | {
+            "targets": (length, np.int32),
+            "weights": (length, np.float32),
+        }
+
     def model(self, cfg: Config, rngs):
         return Transformer(cfg.model, rngs=rngs)
 

@@ -113,6 +113,13 @@ class TokenLabelsTask(Task):
             tokenizer, words, tags, cfg.finetune.num_outputs, cfg.data.seq_len
         )
 
+    def row_shapes(self, cfg: Config):
+        length = (cfg.data.seq_len,)
+        return super().row_shapes(cfg) | {
+            "tags": (length, np.int32),
+            "tag_weights": (length, np.float32),
+        }
+
     def model(self, cfg: Config, rngs):
         f = cfg.finetune
         backbone = Transformer(cfg.model, rngs=rngs)
