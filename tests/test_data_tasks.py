@@ -211,3 +211,32 @@ def test_text_to_text_template_needs_input_slot(tokenizer):
     with pytest.raises(ValueError) as error:
         encode_text_to_text(tokenizer, ["a"], ["b"], seq_len=8, template="Q: A:")
     assert str(error.value) == "template 'Q: A:' has no '{input}' to put the input in."
+
+
+ROW_SHAPE_EXAMPLES = {
+    "classification": (["the cat sees the ball.", "a dog"], [1, 0]),
+    "regression": (["the cat sees the ball.", "a dog"], [[0.5, 2.0], [1.0, -1.0]]),
+    "token_labels": ([["the", "cat", "sees"], ["a", "dog"]], [[0, 1, 0], [0, 1]]),
+    "text_to_text": (["the cat sees", "a dog"], ["the ball.", "likes"]),
+    "chat": (
+        [[{"role": "user", "content": "the cat"}, {"role": "assistant", "content": "a dog"}]],
+        [None],
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ROW_SHAPE_EXAMPLES))
+def test_row_shapes_are_the_keys_shapes_and_dtypes_encode_returns(tokenizer, name):
+    """`lm plan --gpu/--topology` compiles a fine-tune step from `row_shapes` alone."""
+    from lm.config import load_config
+    from lm.tasks import task_for
+
+    labels = {"classification": "neg,pos", "token_labels": "O,B"}.get(name)
+    overrides = [f"finetune.task={name}", "data.seq_len=16"]
+    overrides += [f"finetune.labels={labels}"] if labels else []
+    overrides += ["finetune.label_column=a,b"] if name == "regression" else []
+    cfg = load_config(None, overrides)
+    task = task_for(cfg)
+    arrays, _ = task.encode(cfg, tokenizer, ROW_SHAPE_EXAMPLES[name])
+    found = {k: (a.shape[1:], a.dtype) for k, a in arrays.items()}
+    assert found == {k: (shape, np.dtype(dt)) for k, (shape, dt) in task.row_shapes(cfg).items()}

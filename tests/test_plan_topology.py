@@ -125,7 +125,7 @@ def test_tiny_config_compiles_for_a_tpu_slice_and_fits(topology, chips, capsys):
     summary = json.loads(out.strip().splitlines()[-1])
     assert summary["fits"] is True
     assert summary["chips"] == chips and summary["mesh"]["fsdp"] == chips
-    assert summary["hbm_per_chip_bytes"] == CHIPS[topology[:3]].hbm_bytes
+    assert summary["hbm_per_chip_bytes"] == CHIPS[topology[:3]].memory_bytes
     assert 0 < summary["compiled_peak_bytes_per_chip"] < summary["hbm_per_chip_bytes"]
     assert summary["collective_bytes_per_step"] > 0  # FSDP gathers weights
     assert summary["fsdp_ideal_collective_bytes_per_step"] > 0

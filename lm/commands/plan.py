@@ -11,8 +11,11 @@ estimate of what the backward pass keeps, per micro-batch on one device:
   log-sum-exp), and the MLP's hidden activations (3·F / t for SwiGLU, 2·F / t for GELU);
 - with full remat, per layer and token only the block input (D), plus one block's activations
   alive while it is recomputed;
-- both: the f32 logits and their gradient (2·V / t per token; with a tiled loss, that times
-  the chunk's share of the sequence).
+- with remat of all but the matmuls (`dots`, `dots_no_batch`), per layer and token the block
+  input and every matmul's output (q, k, v, both output projections, the MLP's input
+  projections; under `dots` the attention scores too unless a fused kernel computes them);
+- all: the f32 logits and their gradient (2·V / t per token; with a tiled loss, that times
+  the chunk's share of the sequence), for models that output vocabulary logits.
 
 Here t is the tensor-parallel size, B·L the micro-batch tokens on one device (batch over
 data·fsdp, split by gradient accumulation). Against XLA's `memory_analysis()` of the compiled
@@ -58,6 +61,7 @@ from lm.runtime.flops import decode_flops_per_token, train_flops_per_token
 from lm.runtime.gpus import gpu_target
 from lm.runtime.mesh import MESH_AXES, logical_to_spec
 from lm.runtime.platforms import for_platform
+from lm.tasks import task_for
 from lm.train.freeze import trainable_groups, trainable_mask
 
 
@@ -74,6 +78,7 @@ class MemoryPlan:
     gradients: int
     activations_no_remat: int
     activations_full_remat: int
+    activations_dots: int  # remat keeping every matmul's output (`dots`, `dots_no_batch`)
 
     @property
     def total_no_remat(self) -> int:
@@ -84,8 +89,14 @@ class MemoryPlan:
         return self.params + self.optimizer + self.gradients + self.activations_full_remat
 
     def total(self, remat: str) -> int:
-        """The total for `model.remat=remat`: any recomputation counts as full remat."""
-        return self.total_no_remat if remat == "none" else self.total_full_remat
+        """The total for `model.remat=remat`."""
+        activations = {"none": self.activations_no_remat, "full": self.activations_full_remat}
+        return (
+            self.params
+            + self.optimizer
+            + self.gradients
+            + activations.get(remat, self.activations_dots)
+        )
 
 
 def _shard_elements(shape: tuple[int, ...], logical, mesh: dict[str, int]) -> int:
@@ -102,8 +113,9 @@ def _variables(tree) -> list[nnx.Variable]:
     return jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
-def _activation_bytes(cfg: Config, mesh: dict[str, int], remat: bool) -> tuple[int, int]:
-    """(tokens per device per micro-batch, bytes of activations kept for the backward pass)."""
+def _activation_bytes(cfg: Config, mesh: dict[str, int], remat: str) -> tuple[int, int]:
+    """(tokens per device per micro-batch, bytes of activations kept for the backward pass
+    under `model.remat=remat`)."""
     m = cfg.model
     rows = cfg.data.batch_size // cfg.optim.grad_accum / (mesh["data"] * mesh["fsdp"])
     tokens = max(1, math.ceil(rows)) * cfg.data.seq_len
@@ -113,11 +125,22 @@ def _activation_bytes(cfg: Config, mesh: dict[str, int], remat: bool) -> tuple[i
     probs = h if m.attention in ("cudnn", "splash") else h * seq
     hidden = 3 * f if m.mlp == "swiglu" else 2 * f
     block = 4 * d + (2 * d + 2 * g * hd + probs + hidden) / t
+    # The outputs of every matmul: q, k, v, the attention and MLP output projections, the MLP's
+    # input projections, and under `dots` the batched attention scores unless a fused kernel
+    # computes them; the block input besides.
+    projected = 2 * f if m.mlp == "swiglu" else f
+    matmuls = d + 2 * d + (m.num_heads * hd + 2 * g * hd + projected) / t
+    if remat == "dots" and m.attention not in ("cudnn", "splash"):
+        matmuls += h * seq / t
     width = jnp.dtype(m.dtype).itemsize
-    kept = (m.num_layers * d + block) if remat else m.num_layers * block
-    # f32 logits and their gradient; a tiled loss holds one chunk's at a time.
+    kept = {"none": m.num_layers * block, "full": m.num_layers * d + block}.get(
+        remat, m.num_layers * matmuls + block
+    )
+    # f32 logits and their gradient, for models that output vocabulary logits (a task head
+    # instead outputs a few numbers per row); a tiled loss holds one chunk's at a time.
     chunk = cfg.train.loss_chunk or seq
-    logits = 2 * m.vocab_size / t * 4 * chunk / seq
+    vocab = not cfg.finetune.task or task_for(cfg).predicts_tokens
+    logits = 2 * m.vocab_size / t * 4 * chunk / seq if vocab else 0
     return tokens, int(tokens * (kept * width + logits))
 
 
@@ -147,8 +170,10 @@ def plan_memory(cfg: Config, devices: int, platform: str | None = None) -> Memor
         param_bytes += size * v.dtype.itemsize
         trained_bytes += size * v.dtype.itemsize if trained else 0
     accumulator = trained_bytes if cfg.optim.grad_accum > 1 else 0
-    tokens, no_remat = _activation_bytes(cfg, sizes, remat=False)
-    _, full_remat = _activation_bytes(cfg, sizes, remat=True)
+    tokens, no_remat = _activation_bytes(cfg, sizes, "none")
+    _, full_remat = _activation_bytes(cfg, sizes, "full")
+    dots_policy = "dots" if cfg.model.remat == "dots" else "dots_no_batch"
+    _, dots = _activation_bytes(cfg, sizes, dots_policy)
     return MemoryPlan(
         devices=devices,
         mesh=sizes,
@@ -160,6 +185,7 @@ def plan_memory(cfg: Config, devices: int, platform: str | None = None) -> Memor
         gradients=trained_bytes + accumulator,
         activations_no_remat=no_remat,
         activations_full_remat=full_remat,
+        activations_dots=dots,
     )
 
 
@@ -176,8 +202,10 @@ def format_plan(name: str, plan: MemoryPlan) -> str:
         ("gradients", plan.gradients),
         ("activations, no remat", plan.activations_no_remat),
         ("activations, full remat", plan.activations_full_remat),
+        ("activations, remat dots", plan.activations_dots),
         ("total, no remat", plan.total_no_remat),
         ("total, full remat", plan.total_full_remat),
+        ("total, remat dots", plan.total("dots")),
     ]
     head = (
         f"{name}: {plan.parameters / 1e6:,.2f}M parameters on {plan.devices} devices "
