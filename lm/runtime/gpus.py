@@ -101,6 +101,8 @@ def target_config(spec: dict) -> str:
 
 def cuda_plugin_available() -> bool:
     """Whether JAX's CUDA plugin is installed (found without importing it)."""
+    if importlib.util.find_spec("jax_plugins") is None:  # no plugin of any kind
+        return False
     return any(importlib.util.find_spec(name) is not None for name in _CUDA_PLUGINS)
 
 
