@@ -165,3 +165,48 @@ def test_every_configurable_attention_name_but_auto_is_a_kernel():
     names = typing.get_args(typing.get_type_hints(ModelConfig)["attention"])
     assert "auto" in names
     assert set(names) - {"auto"} == set(KERNELS)
+
+
+@pytest.mark.parametrize("kv_heads", [1, 2])
+@pytest.mark.parametrize("causal", [True, False])
+def test_prefix_rows_masked_by_length_equal_the_segment_mask_on_real_tokens(kv_heads, causal):
+    """Rows of one sequence then padding (task rows): the length-masked path (`prefix`, how
+    cuDNN gets its own causal/padding mask type) gives the dense-mask path's outputs and
+    gradients at every real token, the whole model through."""
+    from lm.model.transformer import Transformer
+
+    cfg = tiny_model(attention="xla", num_kv_heads=kv_heads, causal=causal)
+    with nnx.use_eager_sharding(False):
+        model = Transformer(cfg, rngs=nnx.Rngs(0))
+    lengths = np.array([16, 11, 3, 1])
+    real = np.arange(16)[None, :] < lengths[:, None]
+    tokens = np.random.default_rng(1).integers(0, cfg.vocab_size, (4, 16)).astype(np.int32)
+    segment_ids = real.astype(np.int32)
+    positions = np.where(real, np.arange(16), 0).astype(np.int32)
+
+    def loss(model, prefix_rows):
+        h = model.hidden(tokens, segment_ids, positions, prefix_rows=prefix_rows)
+        return jnp.sum(jnp.where(real[..., None], jnp.sin(h), 0.0)), h
+
+    grad = nnx.jit(nnx.value_and_grad(loss, has_aux=True), static_argnums=1)
+    (dense, h_dense), g_dense = grad(model, False)
+    (by_length, h_length), g_length = grad(model, True)
+    np.testing.assert_allclose(np.asarray(h_length)[real], np.asarray(h_dense)[real], atol=1e-5)
+    np.testing.assert_allclose(by_length, dense, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(g_length), jax.tree.leaves(g_dense), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_task_objectives_mark_rows_of_one_example_each():
+    """Only rows the encoders lay out as one example from position 0 take the length mask:
+    packed chat rows hold several conversations and keep the segment mask."""
+    from lm.config import load_config
+    from lm.tasks import task_for
+
+    def prefix(task, *overrides):
+        cfg = load_config(None, [f"finetune.task={task}", *overrides])
+        return task_for(cfg).objective(cfg, {}).prefix_rows
+
+    assert prefix("text_to_text") is True
+    assert prefix("chat", "finetune.packing=false") is True
+    assert prefix("chat", "finetune.packing=true") is False

@@ -115,3 +115,20 @@ def test_gpu_config_comments_name_a_known_card():
     for path in GPU_CONFIGS:
         assert _card(path) in gpus.gpu_names(), path.name
         yaml.safe_load(path.read_text())
+
+
+@pytest.mark.slow
+def test_sft_rows_reach_cudnn_with_its_causal_padding_mask_and_no_dense_bias():
+    """One example per row: cuDNN masks by length (mask type PADDING_CAUSAL), so no [B, 1, L, L]
+    bias is built or read (`__cudnn$fmhaScaleBias...` would take one)."""
+    pytest.importorskip("jax_plugins.xla_cuda12", reason="JAX's CUDA plugin (lm[cuda]) absent")
+    from lm.config import load_config
+    from lm.runtime.aot import compile_train_step
+
+    cfg = load_config(str(ROOT / "configs/gpu/llama_1b_sft.yaml"), ["data.seq_len=4096"])
+    step = compile_train_step(cfg, gpus.gpu_target("h100").devices)
+    assert step.custom_calls.get("__cudnn$fmhaSoftmax") and step.custom_calls.get(
+        "__cudnn$fmhaSoftmaxBackward"
+    ), step.custom_calls
+    assert not any("Bias" in name for name in step.custom_calls), step.custom_calls
+    assert set(re.findall(r'"mask_type": ?"(\w+)"', step.hlo)) == {"PADDING_CAUSAL"}

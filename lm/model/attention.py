@@ -81,12 +81,15 @@ class Kernel(NamedTuple):
     Keys and values arrive in the layout the kernel reads without a copy: heads-major [B, G, S, K]
     when `heads_major`, else sequence-major [B, S, G, K]. A kernel that masks from segment ids
     itself also has `packed`, out = packed(q, k [B, L, G, K], v, segment_ids [B, L], causal),
-    which self-attention without a cache calls instead, never building the dense mask.
+    which self-attention without a cache calls instead, never building the dense mask. One
+    that masks by sequence length has `prefix`, out = prefix(q, k [B, L, G, K], v, lengths [B],
+    causal), called for rows that each hold one sequence from position 0 and then padding.
     """
 
     fn: Callable[[jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]
     heads_major: bool
     packed: Callable[[jax.Array, jax.Array, jax.Array, jax.Array, bool], jax.Array] | None = None
+    prefix: Callable[[jax.Array, jax.Array, jax.Array, jax.Array, bool], jax.Array] | None = None
 
 
 # `ModelConfig.attention` names one of these.
@@ -94,18 +97,47 @@ KERNELS: dict[str, Kernel] = {}
 
 
 def register_kernel(
-    name: str, *, heads_major: bool, packed: Callable | None = None
+    name: str,
+    *,
+    heads_major: bool,
+    packed: Callable | None = None,
+    prefix: Callable | None = None,
 ) -> Callable[[Callable], Callable]:
     """Decorator: make the decorated function the attention kernel called `name`."""
 
     def register(fn):
-        KERNELS[name] = Kernel(fn, heads_major, packed)
+        KERNELS[name] = Kernel(fn, heads_major, packed, prefix)
         return fn
 
     return register
 
 
-@register_kernel("xla", heads_major=False)
+def by_length(implementation: str) -> Callable:
+    """`Kernel.prefix` of `jax.nn.dot_product_attention`'s `implementation`: masks from each
+    row's length and the causal flag, so cuDNN gets its own mask type (causal, padding) instead
+    of a dense [B, 1, L, L] bias it must read."""
+
+    def prefix(
+        q_BxLxHxK: jax.Array,
+        k_BxLxGxK: jax.Array,
+        v_BxLxGxK: jax.Array,
+        lengths_B: jax.Array,
+        causal: bool,
+    ) -> jax.Array:
+        return jax.nn.dot_product_attention(
+            q_BxLxHxK,
+            k_BxLxGxK,
+            v_BxLxGxK,
+            is_causal=causal,
+            query_seq_lengths=lengths_B,
+            key_value_seq_lengths=lengths_B,
+            implementation=implementation,
+        )
+
+    return prefix
+
+
+@register_kernel("xla", heads_major=False, prefix=by_length("xla"))
 def xla_attention(
     q_BxLxHxK: jax.Array, k_BxSxGxK: jax.Array, v_BxSxGxK: jax.Array, mask_Bx1xLxS: jax.Array
 ) -> jax.Array:
@@ -115,7 +147,8 @@ def xla_attention(
     )
 
 
-@register_kernel("cudnn", heads_major=False)
+# JAX's public API gives cuDNN no segment ids: packed rows still reach it with a dense mask.
+@register_kernel("cudnn", heads_major=False, prefix=by_length("cudnn"))
 def cudnn_attention(
     q_BxLxHxK: jax.Array, k_BxSxGxK: jax.Array, v_BxSxGxK: jax.Array, mask_Bx1xLxS: jax.Array
 ) -> jax.Array:
@@ -306,17 +339,24 @@ class Attention(nnx.Module):
         positions_BxL: jax.Array,
         causal: bool = True,
         cache: LayerCache | None = None,
+        prefix_rows: bool = False,
     ) -> tuple[jax.Array, LayerCache | None]:
         """(output [B, L, D], cache) for L tokens.
 
         Without a cache, tokens attend within their segment (and to earlier tokens if `causal`).
         With one, their keys and values are written into it and they attend to the cached ones
-        allowed by its mask; `segment_ids_BxL` and `causal` are then unused.
+        allowed by its mask; `segment_ids_BxL` and `causal` are then unused. `prefix_rows` says
+        each row is one segment from position 0 and then padding (segment 0), which a kernel
+        with `prefix` masks by length.
         """
         impl = attention_kernel(self.cfg.attention, x_BxLxD.shape[1])
         q_BxLxHxK, k_BxLxGxK, v_BxLxGxK = self._qkv(x_BxLxD, positions_BxL)
-        packed = KERNELS[impl].packed
-        if cache is None and packed is not None:
+        kernel = KERNELS[impl]
+        packed = kernel.packed
+        if cache is None and prefix_rows and kernel.prefix is not None:
+            lengths_B = jnp.sum(segment_ids_BxL > 0, axis=1, dtype=jnp.int32)
+            out_BxLxHxK = kernel.prefix(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, lengths_B, causal)
+        elif cache is None and packed is not None:
             out_BxLxHxK = packed(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, segment_ids_BxL, causal)
         elif cache is None:
             mask_Bx1xLxL = attention_mask(segment_ids_BxL, causal)

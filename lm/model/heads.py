@@ -69,6 +69,7 @@ class MaskedLM(nnx.Module):
         *,
         dropout_key: jax.Array | None = None,
         token_types_BxL: jax.Array | None = None,
+        prefix_rows: bool = False,
     ) -> jax.Array:
         """float32 vocabulary logits [B, L, V] at every position (the loss picks masked ones)."""
         h_BxLxD, head = self.hidden_and_head(
@@ -77,6 +78,7 @@ class MaskedLM(nnx.Module):
             positions_BxL,
             dropout_key=dropout_key,
             token_types_BxL=token_types_BxL,
+            prefix_rows=prefix_rows,
         )
         return head(h_BxLxD)
 
@@ -185,6 +187,7 @@ class TaskModel(nnx.Module):
         *,
         dropout_key: jax.Array | None = None,
         token_types_BxL: jax.Array | None = None,
+        prefix_rows: bool = False,
     ) -> jax.Array:
         """The head's float32 outputs: [B, C] for sequence heads, [B, L, C] for tagging."""
         if segment_ids_BxL is None:
@@ -196,6 +199,7 @@ class TaskModel(nnx.Module):
             positions_BxL,
             dropout_key=keys[0],
             token_types_BxL=token_types_BxL,
+            prefix_rows=prefix_rows,
         )
         return self.head(h_BxLxD, segment_ids_BxL, keys[1])
 

@@ -111,8 +111,10 @@ class Block(nnx.Module):
         causal: bool = True,
         key: jax.Array | None = None,
         cache: LayerCache | None = None,
+        prefix_rows: bool = False,
     ) -> tuple[jax.Array, LayerCache | None]:
-        """(output [B, L, D], cache); `key` drives dropout, `cache` as in `Attention`."""
+        """(output [B, L, D], cache); `key` drives dropout, `cache` and `prefix_rows` as in
+        `Attention`."""
         keys = (None, None) if key is None else tuple(jax.random.split(key))
         attended_BxLxD, cache = self.attn(
             self._sublayer_input(x_BxLxD, self.attn_norm),
@@ -120,6 +122,7 @@ class Block(nnx.Module):
             positions_BxL,
             causal,
             cache,
+            prefix_rows,
         )
         x_BxLxD = self._add_residual(x_BxLxD, attended_BxLxD, self.attn_norm, keys[0])
         mlp_BxLxD = self.mlp(self._sublayer_input(x_BxLxD, self.mlp_norm))
@@ -217,11 +220,14 @@ class Transformer(nnx.Module):
         dropout_key: jax.Array | None = None,
         token_types_BxL: jax.Array | None = None,
         cache: KVCache | None = None,
+        prefix_rows: bool = False,
     ) -> jax.Array | tuple[jax.Array, KVCache]:
         """Final-norm hidden states [B, L, D] for token ids; packed rows pass segments/positions.
 
         `causal` defaults to the config's: False makes a bidirectional encoder, whose tokens
-        still attend only within their own segment.
+        still attend only within their own segment. `prefix_rows`: every row is one segment
+        from position 0 followed by padding (segment 0), as task rows are; kernels that can
+        then mask by length instead of by a dense mask (cuDNN).
 
         With a `cache` (generation), the tokens are every row's next L: positions and the
         causal mask come from the cache, their keys and values are written into it, and the
@@ -247,7 +253,7 @@ class Transformer(nnx.Module):
 
         def run_block(graphdef, params, x, key, layer_cache):
             block = nnx.merge(graphdef, params)
-            return block(x, segment_ids_BxL, positions_BxL, causal, key, layer_cache)
+            return block(x, segment_ids_BxL, positions_BxL, causal, key, layer_cache, prefix_rows)
 
         if cfg.remat != "none" and cache is None:  # decoding has no backward pass to remat for
             # CSE prevention is only unnecessary inside scan, whose loop boundary blocks it.

@@ -125,6 +125,9 @@ class ChatTask(TextToTextTask):
         rendered = chat_template(tokenizer).render_all(conversations)
         return encode_chats(rendered, cfg.data.seq_len, pad_id(tokenizer), cfg.finetune.packing)
 
+    def prefix_rows(self, cfg: Config) -> bool:
+        return not cfg.finetune.packing  # packed rows hold several conversations
+
     def answer_prompts(
         self, cfg: Config, tokenizer: TextTokenizer, inputs: list
     ) -> tuple[list[list[int]], list[str]]:

@@ -29,8 +29,15 @@ def class_weight(class_weights: tuple[float, ...], labels: jax.Array) -> jax.Arr
 
 
 def task_outputs(model, batch: Batch, dropout_key: jax.Array | None) -> jax.Array:
-    """The task model's float32 outputs on a batch of encoded rows."""
-    return model(batch["inputs"], batch["segment_ids"], batch["positions"], dropout_key=dropout_key)
+    """The task model's float32 outputs on a batch of encoded rows (one example each, from
+    position 0: see `lm.tasks.encoding`)."""
+    return model(
+        batch["inputs"],
+        batch["segment_ids"],
+        batch["positions"],
+        dropout_key=dropout_key,
+        prefix_rows=True,
+    )
 
 
 def class_weights(f: FinetuneConfig, labels: np.ndarray) -> tuple[float, ...]:

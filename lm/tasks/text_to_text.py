@@ -110,4 +110,10 @@ class TextToTextTask(Task):
         return Transformer(cfg.model, rngs=rngs)
 
     def objective(self, cfg: Config, train: dict[str, np.ndarray]):
-        return TokenCrossEntropy(loss_chunk=for_platform(cfg).train.loss_chunk)
+        return TokenCrossEntropy(
+            loss_chunk=for_platform(cfg).train.loss_chunk, prefix_rows=self.prefix_rows(cfg)
+        )
+
+    def prefix_rows(self, cfg: Config) -> bool:
+        """Whether each encoded row is one example from position 0, then padding."""
+        return True

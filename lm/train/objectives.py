@@ -116,6 +116,8 @@ class TokenCrossEntropy:
     z_loss: float = 0.0
     # Tokens per chunk of the sequence for the tiled loss (0 = off); must divide the length.
     loss_chunk: int = 0
+    # Each row is one sequence from position 0, then padding (`Transformer.hidden`).
+    prefix_rows: bool = False
 
     def loss(
         self, model, batch: Batch, dropout_key: jax.Array | None = None, evaluating: bool = False
@@ -124,7 +126,11 @@ class TokenCrossEntropy:
         if self.loss_chunk:
             return self._tiled_loss(model, batch, dropout_key, evaluating)
         logits_BxLxV = model(
-            batch["inputs"], batch["segment_ids"], batch["positions"], dropout_key=dropout_key
+            batch["inputs"],
+            batch["segment_ids"],
+            batch["positions"],
+            dropout_key=dropout_key,
+            prefix_rows=self.prefix_rows,
         )
         nll_BxL, z_BxL = token_losses(logits_BxLxV, batch["targets"], self.z_loss)
         w_BxL = batch["weights"]
@@ -143,7 +149,11 @@ class TokenCrossEntropy:
         and no logits are recomputed.
         """
         h_BxLxD, head = model.hidden_and_head(
-            batch["inputs"], batch["segment_ids"], batch["positions"], dropout_key=dropout_key
+            batch["inputs"],
+            batch["segment_ids"],
+            batch["positions"],
+            dropout_key=dropout_key,
+            prefix_rows=self.prefix_rows,
         )
         length, chunk = h_BxLxD.shape[1], self.loss_chunk
         if length % chunk:
