@@ -157,7 +157,7 @@ def plan_memory(cfg: Config, devices: int, platform: str | None = None) -> Memor
         )
     with nnx.use_eager_sharding(False):
         _, abstract = abstract_split(lambda: build_model(cfg, nnx.Rngs(0)))
-    state = abstract.filter(nnx.Param)
+    state = nnx.filter_state(abstract, nnx.Param)
     params = _variables(state)
     trainable = trainable_groups(cfg) if cfg.finetune.task else None
     trains = [True] * len(params)
