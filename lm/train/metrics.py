@@ -9,9 +9,23 @@ from pathlib import Path
 
 import jax
 from etils import epath
-from tensorboardX import SummaryWriter
 
 from lm.train.wandb_log import WandbLog
+
+
+def _summary_writer(logdir: str, purge_step: int | None):
+    """tensorboardX's SummaryWriter, imported without torch: tensorboardX imports torch when it
+    is installed only to accept torch tensors, which lm never writes, and that import costs
+    3-5 s at every start of an `lm` command (torch's CUDA build, Python 3.12)."""
+    if "torch" in sys.modules:
+        from tensorboardX import SummaryWriter
+    else:
+        sys.modules["torch"] = None  # `import torch` raises ImportError while this is set
+        try:
+            from tensorboardX import SummaryWriter
+        finally:
+            del sys.modules["torch"]
+    return SummaryWriter(logdir, purge_step=purge_step)
 
 
 def _fmt_duration(seconds: float) -> str:
@@ -82,7 +96,7 @@ class MetricsWriter:
             return
         if self._jsonl is None:
             self._jsonl = (self.run_dir / "metrics.jsonl").open("a")
-            self._tb = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=self._purge_step)
+            self._tb = _summary_writer(str(self.run_dir / "tensorboard"), self._purge_step)
         record = {"step": step, **{f"{prefix}/{k}": float(v) for k, v in scalars.items()}}
         try:
             self._jsonl.write(json.dumps(record) + "\n")
