@@ -282,6 +282,10 @@ def plan_target(name: str | None, gpu: str | None) -> Target:
     return gpu_target(gpu) if gpu else slice_target(name)
 
 
+def _count(devices: int) -> str:
+    return f"{devices} device{'s' if devices != 1 else ''}"
+
+
 def _memory_lines(step, chip: Chip, fits: bool) -> list[str]:
     return [
         f"  {'peak (args+outputs+temps)':<26}{_gib(step.peak):>14}  of "
@@ -304,7 +308,7 @@ def format_compiled_plan(config_name: str, plan: CompiledPlan) -> str:
     )
     calls = step.custom_calls
     lines = [
-        f"{config_name} on {target.name} ({target.description}, {devices} devices, {mesh}); "
+        f"{config_name} on {target.name} ({target.description}, {_count(devices)}, {mesh}); "
         f"compiled by XLA for {target.compiler} in {step.compile_s:.1f} s",
         f"  {'parameters':<26}{_gib(step.params):>14}",
         f"  {'optimizer state':<26}{_gib(step.optimizer):>14}",
@@ -410,7 +414,7 @@ def format_decode_plan(config_name: str, plan: DecodePlan) -> str:
     mesh = " ".join(f"{k}={v}" for k, v in step.mesh.items())
     lines = [
         f"{config_name} decoding on {target.name} ({target.description}, "
-        f"{len(target.devices)} devices, {mesh}): {step.rows} rows, a {step.slots}-slot KV "
+        f"{_count(len(target.devices))}, {mesh}): {step.rows} rows, a {step.slots}-slot KV "
         f"cache, parameters as trained; compiled by XLA for {target.compiler} in "
         f"{step.compile_s:.1f} s",
         f"  {'parameters':<26}{_gib(step.params):>14}",
