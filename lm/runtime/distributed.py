@@ -24,10 +24,13 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Callable, Mapping
+from typing import TypeVar
 
 import jax
 from jax._src import hardware_utils
 from jax.experimental import multihost_utils
+
+T = TypeVar("T")
 
 ENV_COORDINATOR = "LM_COORDINATOR"
 ENV_NUM_PROCESSES = "LM_NUM_PROCESSES"
@@ -144,7 +147,7 @@ def preemption_sync_point() -> Callable[[int], bool] | None:
     return multihost_utils.reached_preemption_sync_point
 
 
-def process_zero_first[T](name: str, fn: Callable[[], T]) -> T:
+def process_zero_first(name: str, fn: Callable[[], T]) -> T:
     """`fn()` on process 0, then on the others: for work whose files the others then read."""
     if jax.process_count() == 1:
         return fn()
