@@ -235,10 +235,11 @@ class CompiledPlan:
 
     @property
     def flops(self) -> float:
-        """XLA's count of the compiled step's FLOPs (recomputation included) where its backend
-        gives one; else (a deviceless GPU gives none) the model's formula, which counts no
-        recomputation and so is optimistic under remat."""
-        return self.step.flops or self.model_flops
+        """XLA's count of the compiled step's FLOPs (recomputation included), never below the
+        model's formula: a deviceless GPU gives no count, and a count that misses loop trips
+        would be below what the step must do. The formula counts no recomputation, so it is
+        optimistic under remat."""
+        return max(self.step.flops, self.model_flops)
 
     @property
     def compute_s(self) -> float:
@@ -327,7 +328,7 @@ def format_compiled_plan(config_name: str, plan: CompiledPlan) -> str:
             f"{plan.collective_bytes:,d}; FSDP ideal 3 x {step.param_bytes_compute:,d} = "
             f"{plan.fsdp_ideal_bytes:,d} ({plan.collective_bytes / plan.fsdp_ideal_bytes:.2f}x)"
         )
-    source = "XLA's cost analysis" if step.flops else "the model's FLOP formula"
+    source = "XLA's cost analysis" if step.flops > plan.model_flops else "the model's FLOP formula"
     traffic = (
         f"{step.bytes_accessed:.3g} bytes / {chip.memory_bytes_per_s / 1e9:,.0f} GB/s "
         f"{chip.memory} = {plan.memory_s * 1e3:.3g} ms, "
