@@ -41,7 +41,8 @@ demo: $(RUNTIME)
 	$(BIN)/lm pretrain --config configs/shakespeare.yaml
 
 # The default suite (9 min on 2 CPU cores with jax 0.12, 3 with 0.10), one worker per core (at
-# most 4), each taking whole files so module fixtures are built once; `test-slow` adds the heavier end-to-end checks.
+# most 4), each taking whole files so module fixtures are built once; `test-slow` adds the
+# heavier end-to-end checks.
 test: $(DEV)
 	$(BIN)/pytest -q -m "not slow" -n auto --maxprocesses 4 --dist loadfile
 
