@@ -210,3 +210,12 @@ def test_task_objectives_mark_rows_of_one_example_each():
     assert prefix("text_to_text") is True
     assert prefix("chat", "finetune.packing=false") is True
     assert prefix("chat", "finetune.packing=true") is False
+
+
+def test_length_masked_kernels_give_padding_queries_zeros():
+    """Weight gradients sum over padding positions too: their attention output is exactly 0."""
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.normal(size=(2, 8, 4, 8)).astype(np.float32) for _ in range(3))
+    lengths = jnp.asarray([8, 3], jnp.int32)
+    out = np.asarray(KERNELS["xla"].prefix(q, k[:, :, :2], v[:, :, :2], lengths, True))
+    assert (out[1, 3:] == 0).all() and np.isfinite(out).all() and (out[1, :3] != 0).any()

@@ -124,7 +124,7 @@ def by_length(implementation: str) -> Callable:
         lengths_B: jax.Array,
         causal: bool,
     ) -> jax.Array:
-        return jax.nn.dot_product_attention(
+        out_BxLxHxK = jax.nn.dot_product_attention(
             q_BxLxHxK,
             k_BxLxGxK,
             v_BxLxGxK,
@@ -133,6 +133,10 @@ def by_length(implementation: str) -> Callable:
             key_value_seq_lengths=lengths_B,
             implementation=implementation,
         )
+        # Padding queries are zeros whatever the kernel leaves there: the weight gradients sum
+        # over every position, so a non-finite padding row would reach them as NaN * 0.
+        real_BxL = jnp.arange(q_BxLxHxK.shape[1])[None, :] < lengths_B[:, None]
+        return jnp.where(real_BxL[:, :, None, None], out_BxLxHxK, 0)
 
     return prefix
 
